@@ -1,0 +1,170 @@
+"""A rank-R LoRA on any torch model whose rank-r prefix can be switched on without copies.
+
+Built on PEFT: ``peft.inject_adapter_in_model`` wraps each target ``nn.Linear`` in PEFT's
+``LoraLayer`` (so the weights keep PEFT's names, layout and initialisation), and a forward
+hook on each ``lora_A`` zeroes the rank dimensions >= r of ``A x``. The layer then computes
+
+    y = W x + s(r) * B[:, :r] @ A[:r] @ x,
+
+the exact output of a plain rank-r PEFT LoRA built from the sliced weights, and no gradient
+reaches A[r:] or B[:, r:] (their inputs/outputs are multiplied by zero).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from prelort.adapters.state import Adapter, LoRAPair, Scaling
+
+ADAPTER_NAME = "default"
+
+
+class NestedLoRA:
+    """Nested LoRA adapters of maximum rank R on ``model``'s target linear modules.
+
+    Parameters
+    ----------
+    model:
+        Any torch module; it is modified in place (targets wrapped by PEFT).
+    target_modules:
+        Module name suffixes or a regex, as PEFT's ``target_modules``.
+    scaling:
+        s(r) for the active truncation (``Scaling.max_rank`` is R).
+    dropout:
+        LoRA dropout on the adapter input.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_modules: Sequence[str] | str,
+        scaling: Scaling,
+        *,
+        dropout: float = 0.0,
+    ) -> None:
+        self.scaling = scaling
+        self.max_rank = scaling.max_rank
+        targets: list[str] | str = (
+            target_modules if isinstance(target_modules, str) else list(target_modules)
+        )
+        config = LoraConfig(
+            r=self.max_rank,
+            lora_alpha=scaling.alpha,
+            target_modules=targets,
+            lora_dropout=dropout,
+            bias="none",
+        )
+        for p in model.parameters():
+            p.requires_grad_(False)
+        try:
+            self.model = inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+        except ValueError as exc:
+            raise ValueError(f"no LoRA target matched {targets!r}: {exc}") from exc
+        self.layers: dict[str, LoraLayer] = {
+            name: module for name, module in self.model.named_modules() if isinstance(module, LoraLayer)
+        }
+        if not self.layers:
+            raise ValueError(f"no module of the model matches target_modules={targets!r}")
+        self._rank = self.max_rank
+        self._masks: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
+        for layer in self.layers.values():
+            layer.lora_A[ADAPTER_NAME].register_forward_hook(self._mask_hook)
+        self.set_rank(self.max_rank)
+
+    # -- truncation -------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """The active truncation r."""
+        return self._rank
+
+    def set_rank(self, r: int) -> None:
+        """Activate the rank-r prefix: A[:r], B[:, :r] with scale s(r)."""
+        if not 0 < r <= self.max_rank:
+            raise ValueError(f"rank {r} outside 1..{self.max_rank}")
+        self._rank = r
+        s = self.scaling(r)
+        for layer in self.layers.values():
+            layer.scaling[ADAPTER_NAME] = s
+
+    def _mask_hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+        r = self._rank
+        if r == self.max_rank:
+            return None
+        key = (output.device, output.dtype, r)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = torch.zeros(self.max_rank, device=output.device, dtype=output.dtype)
+            mask[:r] = 1
+            self._masks[key] = mask
+        return output * mask  # (..., R): rank dims >= r contribute nothing
+
+    # -- parameters -------------------------------------------------------------------------
+    def factor(self, name: str) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+        """The live (A, B) parameters of module ``name``: A (R, in), B (out, R)."""
+        layer = self.layers[name]
+        return layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+
+    def parameters_with_rank_dim(self) -> Iterator[tuple[torch.nn.Parameter, int]]:
+        """Every adapter parameter with the index of its rank dimension (A: 0, B: 1)."""
+        for name in self.layers:
+            A, B = self.factor(name)
+            yield A, 0
+            yield B, 1
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of every target module."""
+        out: dict[str, tuple[int, int]] = {}
+        for name in self.layers:
+            A, B = self.factor(name)
+            out[name] = (int(B.shape[0]), int(A.shape[1]))
+        return out
+
+    def get_adapter(self, r: int | None = None) -> Adapter:
+        """Detached fp32 copies of the rank-r prefix (default: the active rank)."""
+        r = self._rank if r is None else r
+        if not 0 < r <= self.max_rank:
+            raise ValueError(f"rank {r} outside 1..{self.max_rank}")
+        out: Adapter = {}
+        for name in self.layers:
+            A, B = self.factor(name)
+            out[name] = LoRAPair(
+                A[:r].detach().to(torch.float32).clone(), B[:, :r].detach().to(torch.float32).clone()
+            )
+        return out
+
+    @torch.no_grad()
+    def set_adapter(self, adapter: Adapter) -> None:
+        """Load a prefix adapter (every module, one rank r); rank dims >= r are zeroed."""
+        if set(adapter) != set(self.layers):
+            missing = sorted(set(self.layers) - set(adapter))
+            extra = sorted(set(adapter) - set(self.layers))
+            raise ValueError(f"adapter modules do not match the model (missing {missing}, unexpected {extra})")
+        for name, pair in adapter.items():
+            A, B = self.factor(name)
+            r = pair.rank
+            if r > self.max_rank or pair.A.shape[1] != A.shape[1] or pair.B.shape[0] != B.shape[0]:
+                raise ValueError(
+                    f"module {name}: adapter A{tuple(pair.A.shape)} B{tuple(pair.B.shape)} does not fit "
+                    f"A{tuple(A.shape)} B{tuple(B.shape)}"
+                )
+            A.zero_()
+            B.zero_()
+            A[:r].copy_(pair.A)
+            B[:, :r].copy_(pair.B)
+
+    @torch.no_grad()
+    def add_to_base(self, deltas: dict[str, torch.Tensor]) -> None:
+        """W <- W + dW for each named module (FLoRA's merge into the base weights)."""
+        for name, delta in deltas.items():
+            weight = self.layers[name].get_base_layer().weight
+            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+
+    def zero_grad(self) -> None:
+        for p, _ in self.parameters_with_rank_dim():
+            p.grad = None

@@ -1,0 +1,318 @@
+"""Validated run configuration: TOML file + ``--set key=value`` overrides -> ``Config``.
+
+Unknown keys, wrong types and inconsistent values raise ``ConfigError`` with one line
+naming the key and what to do (DESIGN.md §3: exit status 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from prelort.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class RunSection:
+    """[run]: which method, how long, how many clients per round."""
+
+    method: str = "prelort"
+    seed: int = 0
+    rounds: int = 20
+    clients_per_round: int = 4
+    eval_every: int = 5
+
+
+@dataclass
+class ClientsSection:
+    """[clients]: the population and its rank capacities."""
+
+    num_clients: int = 8
+    levels: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
+    ranks: list[int] | None = None
+    """Explicit rank per client; when absent ranks are drawn from ``rank_distribution``."""
+    rank_distribution: Literal["uniform", "heavy-tail", "cycle"] = "cycle"
+
+
+@dataclass
+class LoRASection:
+    """[lora]: adapter scale and targets (R = max level)."""
+
+    alpha: float = 16.0
+    scaling: Literal["fixed", "per_rank", "rslora"] = "fixed"
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)
+    """Module name suffixes; empty means the workload's default."""
+
+
+@dataclass
+class TrainSection:
+    """[train]: local optimisation."""
+
+    steps: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    nested_mode: Literal["all", "sample"] = "all"
+    own_weight: float | Literal["equal"] = 0.7
+    """Share of the client's own rank among its nested levels, or "equal" weights."""
+    max_grad_norm: float | None = None
+
+
+@dataclass
+class HetLoRASection:
+    """[hetlora]: rank self-pruning (Cho et al. 2024)."""
+
+    gamma: float = 0.99
+    lam: float = 0.01
+    min_rank: int = 1
+
+
+@dataclass
+class SyntheticSection:
+    """[synthetic]: frozen random MLP and a low-rank teacher change with a decaying spectrum."""
+
+    d_in: int = 32
+    hidden: int = 64
+    d_out: int = 16
+    teacher_rank: int = 16
+    teacher_scale: float = 1.0
+    spectrum_decay: float = 0.75
+    min_examples: int = 64
+    max_examples: int = 256
+    test_examples: int = 1024
+    input_shift: float = 1.0
+    data_seed: int = 1234
+
+
+@dataclass
+class WorkloadSection:
+    """[workload]: which task the federation trains on."""
+
+    kind: Literal["synthetic", "llm"] = "synthetic"
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    run: RunSection = field(default_factory=RunSection)
+    clients: ClientsSection = field(default_factory=ClientsSection)
+    lora: LoRASection = field(default_factory=LoRASection)
+    train: TrainSection = field(default_factory=TrainSection)
+    hetlora: HetLoRASection = field(default_factory=HetLoRASection)
+    workload: WorkloadSection = field(default_factory=WorkloadSection)
+    synthetic: SyntheticSection = field(default_factory=SyntheticSection)
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.clients.levels)
+
+    def validate(self) -> None:
+        """Cross-field checks; raises ConfigError."""
+        from prelort.federation.methods import METHODS
+
+        run, cl = self.run, self.clients
+        if run.method not in METHODS:
+            raise ConfigError(f"run.method: unknown method {run.method!r}; choose one of {', '.join(METHODS)}")
+        _positive("run.rounds", run.rounds)
+        _positive("run.eval_every", run.eval_every)
+        _positive("run.clients_per_round", run.clients_per_round)
+        _positive("clients.num_clients", cl.num_clients)
+        if run.clients_per_round > cl.num_clients:
+            raise ConfigError(
+                f"run.clients_per_round = {run.clients_per_round} is more than clients.num_clients = "
+                f"{cl.num_clients}; lower it or add clients"
+            )
+        if not cl.levels or any(lv <= 0 for lv in cl.levels) or sorted(set(cl.levels)) != cl.levels:
+            raise ConfigError(f"clients.levels = {cl.levels} must be positive, strictly increasing ranks")
+        if cl.ranks is not None:
+            if len(cl.ranks) != cl.num_clients:
+                raise ConfigError(
+                    f"clients.ranks has {len(cl.ranks)} entries for {cl.num_clients} clients; give one rank per client"
+                )
+            bad = [r for r in cl.ranks if r not in cl.levels]
+            if bad:
+                raise ConfigError(f"clients.ranks: rank(s) {bad} not in clients.levels {cl.levels}")
+        if self.lora.alpha <= 0:
+            raise ConfigError("lora.alpha must be positive")
+        if not 0 <= self.lora.dropout < 1:
+            raise ConfigError("lora.dropout must be in [0, 1)")
+        _positive("train.steps", self.train.steps)
+        _positive("train.batch_size", self.train.batch_size)
+        if self.train.lr <= 0:
+            raise ConfigError("train.lr must be positive")
+        ow = self.train.own_weight
+        if ow != "equal" and not 0 < float(ow) <= 1:
+            raise ConfigError('train.own_weight must be in (0, 1] or "equal"')
+        h = self.hetlora
+        if not 0 < h.gamma < 1:
+            raise ConfigError("hetlora.gamma must be in (0, 1)")
+        s = self.synthetic
+        if s.min_examples <= 0 or s.max_examples < s.min_examples:
+            raise ConfigError("synthetic.min_examples must be positive and <= synthetic.max_examples")
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} = {value} must be a positive integer")
+
+
+# -- parsing -----------------------------------------------------------------------------------
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to type ``tp`` or raise ConfigError."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(key, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key} = {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is list:
+        (item,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
+        return [_check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table, got {type(value).__name__}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {type(value).__name__} {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{key}] must be a table")
+        return _build(tp, value, key)
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
+
+
+def _build(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(
+                f"unknown key {full!r}; valid keys{' in [' + prefix + ']' if prefix else ''}: "
+                f"{', '.join(sorted(names))}"
+            )
+        kwargs[key] = _check_value(full, value, hints[key])
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value); value parsed as TOML, else kept as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set run.rounds=5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def config_from_dict(data: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Config:
+    """Build and validate a Config from a TOML-shaped dict and ``key=value`` overrides."""
+    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is not a table")
+            node = child
+        node[path[-1]] = value
+    cfg: Config = _build(Config, merged)
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a TOML config file (or defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found; pass an existing TOML file to --config")
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
+    return config_from_dict(data, overrides)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as a plain dict (None values dropped, as TOML has no null)."""
+
+    def clean(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items() if v is not None}
+        return obj
+
+    out: dict[str, Any] = clean(dataclasses.asdict(cfg))
+    return out
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Minimal TOML writer for the resolved config (tables of scalars and lists)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {fmt(x)}" for k, x in v.items()) + " }"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    lines: list[str] = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            lines.append(f"{k} = {fmt(v)}")
+        lines.append("")
+    return "\n".join(lines)

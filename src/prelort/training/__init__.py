@@ -1,0 +1,6 @@
+"""Local client training: plain or prefix-nested objectives with a masked AdamW step."""
+
+from prelort.training.local import LocalTrainConfig, TrainStats, level_distribution, train_local
+from prelort.training.optim import MaskedAdamW
+
+__all__ = ["LocalTrainConfig", "MaskedAdamW", "TrainStats", "level_distribution", "train_local"]
