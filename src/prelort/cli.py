@@ -22,11 +22,15 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run one federated training and write DIR/results.json")
     run.add_argument("--config", required=True, help="TOML config file")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    run.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
     run.add_argument("--out", required=True, help="output directory")
     run.add_argument("--quiet", action="store_true", help="no progress bar or table")
 
-    cmp_ = sub.add_parser("compare", help="run several methods and seeds; write summary.{json,md} and plots")
+    cmp_ = sub.add_parser(
+        "compare", help="run several methods and seeds; write summary.{json,md} and plots"
+    )
     cmp_.add_argument("--config", required=True)
     cmp_.add_argument("--methods", default="prelort,segment,hetlora,flexlora,flora,fedit")
     cmp_.add_argument("--seeds", default="0,1,2")
@@ -111,7 +115,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     try:
         seeds = [int(s) for s in _parse_list(args.seeds, "seeds")]
     except ValueError:
-        raise UserError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+        raise UserError(
+            f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2"
+        ) from None
     out = Path(args.out)
     base_cfg = load_config(args.config, args.set)
     console = _console(args.quiet)
@@ -119,7 +125,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     workload = build_workload(base_cfg)
     for seed in seeds:
         for method in methods:
-            cfg = load_config(args.config, [*args.set, f'run.method="{method}"', f"run.seed={seed}"])
+            cfg = load_config(
+                args.config, [*args.set, f'run.method="{method}"', f"run.seed={seed}"]
+            )
             run_dir = out / "runs" / f"{method}-seed{seed}"
             existing = run_dir / "results.json"
             if existing.is_file():  # finished earlier: reuse, nothing computed is lost

@@ -124,7 +124,9 @@ class Config:
 
         run, cl = self.run, self.clients
         if run.method not in METHODS:
-            raise ConfigError(f"run.method: unknown method {run.method!r}; choose one of {', '.join(METHODS)}")
+            raise ConfigError(
+                f"run.method: unknown method {run.method!r}; choose one of {', '.join(METHODS)}"
+            )
         _positive("run.rounds", run.rounds)
         _positive("run.eval_every", run.eval_every)
         _positive("run.clients_per_round", run.clients_per_round)
@@ -139,7 +141,8 @@ class Config:
         if cl.ranks is not None:
             if len(cl.ranks) != cl.num_clients:
                 raise ConfigError(
-                    f"clients.ranks has {len(cl.ranks)} entries for {cl.num_clients} clients; give one rank per client"
+                    f"clients.ranks has {len(cl.ranks)} entries for {cl.num_clients} clients; "
+                    "give one rank per client"
                 )
             bad = [r for r in cl.ranks if r not in cl.levels]
             if bad:

@@ -13,7 +13,7 @@ reaches A[r:] or B[:, r:] (their inputs/outputs are multiplied by zero).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -50,12 +50,10 @@ class NestedLoRA:
     ) -> None:
         self.scaling = scaling
         self.max_rank = scaling.max_rank
-        targets: list[str] | str = (
-            target_modules if isinstance(target_modules, str) else list(target_modules)
-        )
+        targets: list[str] | str = target_modules if isinstance(target_modules, str) else list(target_modules)
         config = LoraConfig(
             r=self.max_rank,
-            lora_alpha=scaling.alpha,
+            lora_alpha=scaling.alpha,  # type: ignore[arg-type]  # PEFT accepts floats
             target_modules=targets,
             lora_dropout=dropout,
             bias="none",
@@ -71,6 +69,8 @@ class NestedLoRA:
         }
         if not self.layers:
             raise ValueError(f"no module of the model matches target_modules={targets!r}")
+        for p in self.model.parameters():  # training switches the adapter factors on
+            p.requires_grad_(False)
         self._rank = self.max_rank
         self._masks: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
         for layer in self.layers.values():
@@ -108,7 +108,9 @@ class NestedLoRA:
     def factor(self, name: str) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
         """The live (A, B) parameters of module ``name``: A (R, in), B (out, R)."""
         layer = self.layers[name]
-        return layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+        A = cast(nn.Parameter, cast(nn.Linear, layer.lora_A[ADAPTER_NAME]).weight)
+        B = cast(nn.Parameter, cast(nn.Linear, layer.lora_B[ADAPTER_NAME]).weight)
+        return A, B
 
     def parameters_with_rank_dim(self) -> Iterator[tuple[torch.nn.Parameter, int]]:
         """Every adapter parameter with the index of its rank dimension (A: 0, B: 1)."""
@@ -134,7 +136,8 @@ class NestedLoRA:
         for name in self.layers:
             A, B = self.factor(name)
             out[name] = LoRAPair(
-                A[:r].detach().to(torch.float32).clone(), B[:, :r].detach().to(torch.float32).clone()
+                A[:r].detach().to(torch.float32).clone(),
+                B[:, :r].detach().to(torch.float32).clone(),
             )
         return out
 
@@ -144,7 +147,9 @@ class NestedLoRA:
         if set(adapter) != set(self.layers):
             missing = sorted(set(self.layers) - set(adapter))
             extra = sorted(set(adapter) - set(self.layers))
-            raise ValueError(f"adapter modules do not match the model (missing {missing}, unexpected {extra})")
+            raise ValueError(
+                f"adapter modules do not match the model (missing {missing}, unexpected {extra})"
+            )
         for name, pair in adapter.items():
             A, B = self.factor(name)
             r = pair.rank
@@ -162,7 +167,7 @@ class NestedLoRA:
     def add_to_base(self, deltas: dict[str, torch.Tensor]) -> None:
         """W <- W + dW for each named module (FLoRA's merge into the base weights)."""
         for name, delta in deltas.items():
-            weight = self.layers[name].get_base_layer().weight
+            weight = cast(nn.Linear, self.layers[name].get_base_layer()).weight
             weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
 
     def zero_grad(self) -> None:

@@ -109,14 +109,10 @@ def adapter_rank(adapter: Adapter) -> int:
 
 def adapter_num_bytes(adapter: Adapter) -> int:
     """Bytes of all factors as stored (what a message carries)."""
-    return sum(
-        p.A.numel() * p.A.element_size() + p.B.numel() * p.B.element_size() for p in adapter.values()
-    )
+    return sum(p.A.numel() * p.A.element_size() + p.B.numel() * p.B.element_size() for p in adapter.values())
 
 
-def init_adapter(
-    shapes: dict[str, tuple[int, int]], rank: int, generator: torch.Generator
-) -> Adapter:
+def init_adapter(shapes: dict[str, tuple[int, int]], rank: int, generator: torch.Generator) -> Adapter:
     """Fresh rank-``rank`` adapter for modules of ``(out, in)`` shapes.
 
     A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming-uniform default, a=sqrt(5)), B = 0,

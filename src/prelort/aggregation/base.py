@@ -81,7 +81,9 @@ def get_rule(name: str, options: RuleOptions | None = None) -> AggregationRule:
     try:
         cls = RULES[name]
     except KeyError:
-        raise ValueError(f"unknown aggregation rule {name!r}; choose one of {', '.join(sorted(RULES))}") from None
+        raise ValueError(
+            f"unknown aggregation rule {name!r}; choose one of {', '.join(sorted(RULES))}"
+        ) from None
     return cls(options)
 
 

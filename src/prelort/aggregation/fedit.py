@@ -37,7 +37,9 @@ class FedIT(AggregationRule):
         for name, g in global_adapter.items():
             A = g.A.detach().clone()
             B = g.B.detach().clone()
-            A[:r] = sum(w * u.adapter[name].A.double() for w, u in zip(p.tolist(), updates, strict=True)).to(A.dtype)
+            A[:r] = sum(w * u.adapter[name].A.double() for w, u in zip(p.tolist(), updates, strict=True)).to(
+                A.dtype
+            )
             B[:, :r] = sum(
                 w * u.adapter[name].B.double() for w, u in zip(p.tolist(), updates, strict=True)
             ).to(B.dtype)

@@ -6,9 +6,9 @@ Low-Rank Adaptations", NeurIPS 2024. Per module the server stacks
     A_g = [p_1 A_1; p_2 A_2; ...; p_K A_K]   (sum_k r_k, in)
     B_g = [s_1 B_1, s_2 B_2, ..., s_K B_K]     (out, sum_k r_k)
 
-(p_k = n_k / sum_j n_j on A, as the reference code ATP-1010/FederatedLLM does; s_k = s(r_k)
-folded into B so the stack is scale-free) so that B_g @ A_g = sum_k p_k s(r_k) B_k A_k exactly (no cross terms, unlike averaging A and B
-separately). Clients merge B_g A_g into their base weights and start a fresh adapter
+with p_k = n_k / sum_j n_j on A (as in the reference code ATP-1010/FederatedLLM) and
+s_k = s(r_k) folded into B, so that B_g @ A_g = sum_k p_k s(r_k) B_k A_k exactly (no cross
+terms, unlike averaging A and B separately). Clients merge B_g A_g into their base weights and start a fresh adapter
 (A random, B = 0) next round; the stacked factors are what travels down, so the download
 grows with the number and ranks of clients.
 """
@@ -19,8 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from prelort.adapters.state import Adapter, adapter_num_bytes, init_adapter
-from prelort.adapters.state import LoRAPair
+from prelort.adapters.state import Adapter, LoRAPair, adapter_num_bytes, init_adapter
 from prelort.aggregation.base import (
     AggregationResult,
     AggregationRule,
@@ -52,9 +51,7 @@ class FLoRA(AggregationRule):
         p = data_weights(updates)
         scale = [self.options.scale(u.rank) for u in updates]
         stacked = stack_updates(updates, p, scale)
-        base_delta = {
-            name: (pair.B.double() @ pair.A.double()).float() for name, pair in stacked.items()
-        }
+        base_delta = {name: (pair.B.double() @ pair.A.double()).float() for name, pair in stacked.items()}
         generator = self.options.generator or torch.Generator().manual_seed(0)
         shapes = {name: (g.B.shape[0], g.A.shape[1]) for name, g in global_adapter.items()}
         fresh = init_adapter(shapes, max_rank, generator)

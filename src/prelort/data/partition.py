@@ -10,8 +10,9 @@ back to positions in the caller's list. Schemes, chosen by name from
   "Measuring the effects of non-identical data distribution"): for each category,
   client shares p ~ Dir(alpha * 1); small alpha gives a few categories per client;
 - ``task``: each client holds at most ``tasks_per_client`` categories
-  (``PathologicalPartitioner``, McMahan et al. 2017, when there are at least as many
-  clients as categories; otherwise whole categories dealt round-robin to clients).
+  (``PathologicalPartitioner``, the label-skew split of McMahan et al. 2017). With at
+  least as many clients as categories, each category is shared by the clients holding
+  it; with fewer, whole categories are dealt round-robin to clients.
 
 Every position lands in exactly one client, and the split depends only on the seed.
 """
@@ -43,6 +44,7 @@ class _Request:
 
 
 PartitionScheme = Callable[[_Request], list[list[int]]]
+_DIRICHLET_RESTARTS = 20
 
 
 def _dataset(categories: Sequence[str], **extra: list[int]) -> Dataset:
@@ -87,26 +89,37 @@ def _dirichlet(request: _Request) -> list[list[int]]:
             f"min_partition_size={min_size} for {k} clients needs {min_size * k} examples, "
             f"there are {n}"
         )
-    partitioner = DirichletPartitioner(
-        num_partitions=k,
-        partition_by="category",
-        alpha=request.alpha,
-        min_partition_size=min_size,
-        self_balancing=False,
-        shuffle=True,
-        seed=request.seed,
+    dataset = _dataset(request.categories)
+    for attempt in range(_DIRICHLET_RESTARTS):
+        # DirichletPartitioner resamples 10 times for min_size; small alpha with many
+        # clients can need more, so restart it with seeds derived from (seed, attempt).
+        seed = request.seed if attempt == 0 else _derived_seed(request.seed, attempt)
+        partitioner = DirichletPartitioner(
+            num_partitions=k,
+            partition_by="category",
+            alpha=request.alpha,
+            min_partition_size=min_size,
+            self_balancing=False,
+            shuffle=True,
+            seed=seed,
+        )
+        try:
+            return _run(partitioner, dataset, k)
+        except DataError:
+            continue
+    raise DataError(
+        f"dirichlet partitioning with alpha={request.alpha} could not give each of {k} "
+        f"clients {min_size}+ examples in {10 * _DIRICHLET_RESTARTS} draws; "
+        "raise alpha, lower num_clients or min_partition_size"
     )
-    try:
-        return _run(partitioner, _dataset(request.categories), k)
-    except DataError:
-        raise DataError(
-            f"dirichlet partitioning with alpha={request.alpha} could not give each of {k} "
-            f"clients {min_size}+ examples in 10 tries; raise alpha or lower num_clients"
-        ) from None
+
+
+def _derived_seed(seed: int, attempt: int) -> int:
+    return int(np.random.SeedSequence([seed, attempt]).generate_state(1)[0])
 
 
 def _task(request: _Request) -> list[list[int]]:
-    from flwr_datasets.partitioner import NaturalIdPartitioner, PathologicalPartitioner
+    from flwr_datasets.partitioner import PathologicalPartitioner
 
     k, per_client = request.num_clients, request.tasks_per_client
     if per_client < 1:
@@ -121,33 +134,34 @@ def _task(request: _Request) -> list[list[int]]:
         # Client p gets categories p, p+1, ..., p+m-1 (mod C) of the seeded order, each
         # category split evenly among the clients that hold it; every category is used.
         labels = [rank[c] for c in request.categories]
-        partitioner: Partitioner = PathologicalPartitioner(
-            num_partitions=k,
-            partition_by="label",
-            num_classes_per_partition=min(per_client, num_categories),
-            class_assignment_mode="deterministic",
-            shuffle=True,
-            seed=request.seed,
-        )
-        try:
-            return _run(partitioner, _dataset(request.categories, label=labels), k)
-        except DataError:
-            raise DataError(
-                f"task partitioning: some category has fewer examples than the clients that "
-                f"hold it ({k} clients x {per_client} tasks over {num_categories} categories); "
-                "use fewer clients or a smaller tasks_per_client"
-            ) from None
-
-    if k * per_client < num_categories:
+        classes_per_client = min(per_client, num_categories)
+    elif k * per_client >= num_categories:
+        # Fewer clients than categories: whole categories dealt round-robin, so client p
+        # holds group p = {categories at positions p, p + k, ...} (<= ceil(C / k) of them).
+        labels = [rank[c] % k for c in request.categories]
+        classes_per_client = 1
+    else:
         raise DataError(
             f"task partitioning: {k} clients x {per_client} tasks_per_client cannot hold all "
             f"{num_categories} categories; set tasks_per_client >= {-(-num_categories // k)} "
             "or select fewer categories"
         )
-    # Fewer clients than categories: deal whole categories round-robin (<= ceil(C / k) each).
-    groups = [rank[c] % k for c in request.categories]
-    partitioner = NaturalIdPartitioner(partition_by="group")
-    return _run(partitioner, _dataset(request.categories, group=groups), k)
+    partitioner = PathologicalPartitioner(
+        num_partitions=k,
+        partition_by="label",
+        num_classes_per_partition=classes_per_client,
+        class_assignment_mode="deterministic",
+        shuffle=True,
+        seed=request.seed,
+    )
+    try:
+        return _run(partitioner, _dataset(request.categories, label=labels), k)
+    except DataError:
+        raise DataError(
+            f"task partitioning: some category has fewer examples than the clients that "
+            f"hold it ({k} clients x {per_client} tasks over {num_categories} categories); "
+            "use fewer clients or a smaller tasks_per_client"
+        ) from None
 
 
 PARTITION_SCHEMES: dict[str, PartitionScheme] = {
@@ -183,7 +197,7 @@ def partition_indices(
     tasks_per_client:
         Most categories one client holds (``task``).
     min_partition_size:
-        Smallest client for ``dirichlet`` (resampled until met, at most 10 tries);
+        Smallest client for ``dirichlet`` (resampled until met, at most 200 draws);
         None: ``max(1, min(10, n // (4 * num_clients)))``.
     seed:
         The split depends only on this seed.
@@ -198,6 +212,8 @@ def partition_indices(
             f"unknown partition scheme {scheme!r}; choose one of: {', '.join(PARTITION_SCHEMES)}"
         )
     n = len(categories)
+    if seed < 0:
+        raise DataError(f"seed must be non-negative, got {seed}")
     if num_clients < 1:
         raise DataError(f"num_clients must be at least 1, got {num_clients}")
     if num_clients > n:
@@ -225,6 +241,8 @@ def train_test_split(n: int, test_fraction: float, seed: int) -> tuple[list[int]
     The test split is held out from every client. Its size is
     ``round(n * test_fraction)``, at least 1 when ``test_fraction > 0``.
     """
+    if seed < 0:
+        raise DataError(f"seed must be non-negative, got {seed}")
     if not 0 <= test_fraction < 1:
         raise DataError(f"test_fraction must be in [0, 1), got {test_fraction}")
     num_test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0

@@ -16,7 +16,13 @@ import torch
 
 from prelort.adapters.nested import NestedLoRA
 from prelort.adapters.state import Adapter, Scaling, init_adapter
-from prelort.aggregation.base import AggregationResult, AggregationRule, ClientUpdate, RuleOptions, get_rule
+from prelort.aggregation.base import (
+    AggregationResult,
+    AggregationRule,
+    ClientUpdate,
+    RuleOptions,
+    get_rule,
+)
 from prelort.config import Config
 from prelort.federation.methods import MethodSpec, get_method
 from prelort.federation.workload import Workload
@@ -56,7 +62,9 @@ def assign_ranks(cfg: Config) -> list[int]:
     return [int(levels[i]) for i in rng.choice(len(levels), size=cl.num_clients, p=probs)]
 
 
-def effective_ranks(method: MethodSpec, capacities: Sequence[int], levels: Sequence[int]) -> list[int]:
+def effective_ranks(
+    method: MethodSpec, capacities: Sequence[int], levels: Sequence[int]
+) -> list[int]:
     """The rank each client trains at: its capacity, or FedIT's common rank."""
     if method.homogeneous == "min":
         return [min(levels)] * len(capacities)

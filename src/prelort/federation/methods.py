@@ -28,7 +28,12 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     m.name: m
     for m in (
-        MethodSpec("prelort", "prelort", nested=True, summary="segment-wise aggregation + prefix-nested training"),
+        MethodSpec(
+            "prelort",
+            "prelort",
+            nested=True,
+            summary="segment-wise aggregation + prefix-nested training",
+        ),
         MethodSpec("segment", "segment", summary="segment-wise aggregation, plain local training"),
         MethodSpec("hetlora", "hetlora", self_prune=True, summary="HetLoRA (Cho et al. 2024)"),
         MethodSpec("flexlora", "flexlora", summary="FlexLoRA (Bai et al. 2024)"),

@@ -34,7 +34,11 @@ RoundCallback = Callable[[dict[str, Any]], None]
 
 
 def evaluate_per_rank(
-    nested: NestedLoRA, rule: AggregationRule, state: ServerState, levels: list[int], workload: Workload
+    nested: NestedLoRA,
+    rule: AggregationRule,
+    state: ServerState,
+    levels: list[int],
+    workload: Workload,
 ) -> dict[str, dict[str, float]]:
     """Metrics of the global adapter truncated at every level (the rule's rank-l downlink)."""
     out: dict[str, dict[str, float]] = {}
@@ -67,22 +71,30 @@ def run_simulation(
     rounds: list[dict[str, Any]] = []
     start = time.perf_counter()
     per_rank0 = evaluate_per_rank(nested, rule, state, levels, workload)
-    rounds.append({"round": 0, "seconds": 0.0, "bytes_up": 0, "bytes_down": 0, "per_rank": per_rank0})
+    rounds.append(
+        {"round": 0, "seconds": 0.0, "bytes_up": 0, "bytes_down": 0, "per_rank": per_rank0}
+    )
     if on_round:
         on_round(rounds[-1])
 
-    bar = _progress_bar(cfg.run.rounds, f"{cfg.run.method} seed {cfg.run.seed}") if progress else None
+    bar = (
+        _progress_bar(cfg.run.rounds, f"{cfg.run.method} seed {cfg.run.seed}") if progress else None
+    )
     try:
         for t in range(1, cfg.run.rounds + 1):
             t0 = time.perf_counter()
-            sampled = sample_clients(cfg.run.seed, t, cfg.clients.num_clients, cfg.run.clients_per_round)
+            sampled = sample_clients(
+                cfg.run.seed, t, cfg.clients.num_clients, cfg.run.clients_per_round
+            )
             updates = []
             bytes_up = bytes_down = 0
             train_loss = 0.0
             for k in sampled:
                 received = rule.downlink(state.adapter, state.client_ranks[k])
                 bytes_down += adapter_num_bytes(received) + state.broadcast_bytes
-                res = client_update(nested, received, client_id=k, round_=t, cfg=cfg, workload=workload)
+                res = client_update(
+                    nested, received, client_id=k, round_=t, cfg=cfg, workload=workload
+                )
                 bytes_up += adapter_num_bytes(res.update.adapter)
                 train_loss += res.stats.loss / len(sampled)
                 updates.append(res.update)
@@ -129,7 +141,9 @@ def run_simulation(
 def _progress_bar(total: int, label: str) -> tuple[Any, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    prog = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+    )
     task = prog.add_task(label, total=total)
     prog.start()
     return prog, task

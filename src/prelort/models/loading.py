@@ -190,7 +190,7 @@ def resolve_dtype_device(
 
 
 def load_causal_lm(
-    name: str,
+    name: str | os.PathLike[str],
     *,
     dtype: str = "auto",
     device: str = "auto",
@@ -206,6 +206,7 @@ def load_causal_lm(
     ``requires_grad`` set to False. A tokenizer without a pad token gets ``eos`` as pad
     (mask labels by attention mask, not by pad id). Bad input raises ``ModelLoadError``.
     """
+    name = os.fspath(name)
     torch_dtype, torch_device = resolve_dtype_device(dtype, device)
     folder = _resolve_source(name, resolve_cache_dir(cache_dir))
     model, tokenizer = _from_pretrained(folder, torch_dtype, name=name)
@@ -305,8 +306,16 @@ def _cached_gguf(target: Path, locate_gguf: Callable[[Path], Path], *, source: s
     try:
         gguf = locate_gguf(scratch / "gguf")
         out = scratch / "out"
+        out.mkdir()
         logger.info("converting %s to safetensors (once) into %s", gguf, target)
-        _convert_gguf(gguf, out, source=source)
+        _convert_gguf(gguf, out)
+        marker = {
+            "format": _CACHE_FORMAT,
+            "source": source,
+            "gguf_file": gguf.name,
+            "transformers": _version("transformers"),
+        }
+        (out / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         try:
             out.rename(target)
         except OSError:
@@ -326,10 +335,9 @@ def _remove_stale_partials(target: Path, max_age_s: float = 6 * 3600) -> None:
                 shutil.rmtree(stale, ignore_errors=True)
 
 
-def _convert_gguf(gguf: Path, out: Path, *, source: str) -> None:
-    """Dequantise ``gguf`` with transformers and save model + tokenizer (float32) to ``out``."""
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise ``gguf`` with transformers; save model (float32) + tokenizer into ``out``."""
     transformers = _import_transformers()
-    out.mkdir(parents=True)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -347,13 +355,6 @@ def _convert_gguf(gguf: Path, out: Path, *, source: str) -> None:
         del model.config.quantization_config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    marker = {
-        "format": _CACHE_FORMAT,
-        "source": source,
-        "gguf_file": gguf.name,
-        "transformers": metadata.version("transformers"),
-    }
-    (out / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 
 def _from_pretrained(where: str | Path, dtype: torch.dtype, *, name: str) -> tuple[Any, Any]:
@@ -463,6 +464,13 @@ def default_target_modules(model: torch.nn.Module) -> list[str]:
         f"no default LoRA target modules for model type '{model_type}': "
         "set lora.target_modules in the config to the attention projection names"
     )
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ def area_under_rank_curve(per_rank: dict[str, dict[str, float]], metric: str) ->
     ys = [per_rank[k][metric] for k in sorted(per_rank, key=int)]
     if len(ys) == 1:
         return ys[0]
-    return sum((a + b) / 2 for a, b in zip(ys, ys[1:], strict=False)) / (len(ys) - 1)
+    return sum((a + b) / 2 for a, b in itertools.pairwise(ys)) / (len(ys) - 1)
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -29,7 +30,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     by_method: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         by_method.setdefault(r["method"], []).append(r)
-    out: dict[str, Any] = {"methods": {}, "levels": runs[0]["levels"], "seeds": sorted({r["seed"] for r in runs})}
+    out: dict[str, Any] = {
+        "methods": {},
+        "levels": runs[0]["levels"],
+        "seeds": sorted({r["seed"] for r in runs}),
+    }
     for method, rs in by_method.items():
         levels = [str(lv) for lv in rs[0]["levels"]]
         metrics = list(rs[0]["final"]["per_rank"][levels[0]].keys())
@@ -57,8 +62,13 @@ def summary_markdown(summary: dict[str, Any], title: str = "PreLort comparison")
     levels = [str(lv) for lv in summary["levels"]]
     first = summary["methods"][methods[0]]
     metrics = list(first["per_rank"][levels[0]].keys())
-    lines = [f"# {title}", "", f"Seeds: {', '.join(map(str, summary['seeds']))}. Final round, global adapter "
-             "truncated at each rank level (the rule's rank-r downlink). Best per column in **bold**.", ""]
+    lines = [
+        f"# {title}",
+        "",
+        f"Seeds: {', '.join(map(str, summary['seeds']))}. Final round, global adapter "
+        "truncated at each rank level (the rule's rank-r downlink). Best per column in **bold**.",
+        "",
+    ]
     for m in metrics:
         better = "lower" if m in LOWER_IS_BETTER else "higher"
         lines += [f"## {m} ({better} is better)", ""]
@@ -77,11 +87,18 @@ def summary_markdown(summary: dict[str, Any], title: str = "PreLort comparison")
                 cells.append(f"**{text}**" if mean == best[c] else text)
             lines.append(f"| {mt} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## communication (bytes per run, mean over seeds)", "", "| method | up | down |", "|---|---:|---:|"]
+    lines += [
+        "## communication (bytes per run, mean over seeds)",
+        "",
+        "| method | up | down |",
+        "|---|---:|---:|",
+    ]
     for mt in methods:
         e = summary["methods"][mt]
-        lines.append(f"| {mt} | {sum(e['bytes_up']) / len(e['bytes_up']):.4g} | "
-                     f"{sum(e['bytes_down']) / len(e['bytes_down']):.4g} |")
+        lines.append(
+            f"| {mt} | {sum(e['bytes_up']) / len(e['bytes_up']):.4g} | "
+            f"{sum(e['bytes_down']) / len(e['bytes_down']):.4g} |"
+        )
     lines.append("")
     return "\n".join(lines)
 

@@ -18,7 +18,7 @@ from prelort.training.local import Regulariser
 
 def prune_point(rank: int, gamma: float) -> int:
     """p = floor(gamma * r): the first tail rank dimension."""
-    return max(int(math.floor(gamma * rank)), 0)
+    return max(math.floor(gamma * rank), 0)
 
 
 def tail_norm(nested: NestedLoRA, rank: int, gamma: float) -> torch.Tensor:

