@@ -146,9 +146,7 @@ def test_truncation_drops_prompt_from_the_left_and_keeps_answer(tokenizer: Any) 
     long_prompt = " ".join(["long prompt word"] * 20) + " what is the topic"
     encoded = encode_example(tokenizer, example(prompt=long_prompt), max_length=12)
     full_prompt = encode_prompt(tokenizer, long_prompt)
-    answer = tokenizer("sport news", add_special_tokens=False)["input_ids"] + [
-        tokenizer.eos_token_id
-    ]
+    answer = tokenizer("sport news", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
     assert len(encoded["input_ids"]) == 12
     assert encoded["input_ids"][-len(answer) :] == answer
@@ -184,9 +182,7 @@ def total_variation_from_global(categories: list[str], parts: list[list[int]]) -
     distances = []
     for part in parts:
         counts = Counter(categories[i] for i in part)
-        distances.append(
-            0.5 * sum(abs(counts[c] / len(part) - total[c] / len(categories)) for c in labels)
-        )
+        distances.append(0.5 * sum(abs(counts[c] / len(part) - total[c] / len(categories)) for c in labels))
     return sum(distances) / len(distances)
 
 
@@ -215,6 +211,18 @@ def test_dirichlet_small_alpha_skews_labels() -> None:
     assert total_variation_from_global(categories, iid) < 0.15
 
 
+def test_dirichlet_min_partition_size() -> None:
+    categories = synthetic_categories(per_category=200)
+    parts = partition_indices(categories, 5, "dirichlet", alpha=0.5, min_partition_size=60)
+    assert min(map(len, parts)) >= 60
+    # The default asks for 10 each and relaxes it when small alpha makes that unlikely.
+    for seed in range(3):
+        parts = partition_indices(categories, 20, "dirichlet", alpha=0.1, seed=seed)
+        assert min(map(len, parts)) >= 1
+    with pytest.raises(DataError, match="could not give each of 60 clients 1"):
+        partition_indices(synthetic_categories(per_category=20), 60, "dirichlet", alpha=0.01)
+
+
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet", "task"])
 def test_partitions_are_seed_stable(scheme: str) -> None:
     categories = synthetic_categories()
@@ -231,9 +239,7 @@ def test_task_scheme_limits_categories_per_client(
     num_clients: int, tasks_per_client: int, num_categories: int
 ) -> None:
     categories = synthetic_categories(per_category=20, num_categories=num_categories)
-    parts = partition_indices(
-        categories, num_clients, "task", tasks_per_client=tasks_per_client, seed=1
-    )
+    parts = partition_indices(categories, num_clients, "task", tasks_per_client=tasks_per_client, seed=1)
     held = [{categories[i] for i in part} for part in parts]
     assert all(1 <= len(h) <= tasks_per_client for h in held)
     assert set().union(*held) == set(categories)
@@ -299,9 +305,7 @@ DOLLY = [
 
 def test_local_jsonl_with_dolly_mapping(tmp_path: Path) -> None:
     examples = load_source("local", path=write_jsonl(tmp_path / "d.jsonl", DOLLY))
-    assert examples[0] == Example(
-        prompt="what is a\n\na b c", target="b", references=("b",), category="qa"
-    )
+    assert examples[0] == Example(prompt="what is a\n\na b c", target="b", references=("b",), category="qa")
     assert examples[1].prompt == "say yes"  # empty context adds nothing
     assert examples[1].category == "chat"
 
@@ -445,9 +449,7 @@ def test_hub_failure_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
         ("data.txt", b"hello", "unsupported file type"),
     ],
 )
-def test_bad_local_files_raise_data_error(
-    tmp_path: Path, name: str, content: bytes, match: str
-) -> None:
+def test_bad_local_files_raise_data_error(tmp_path: Path, name: str, content: bytes, match: str) -> None:
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(DataError, match=match) as err:
@@ -504,8 +506,9 @@ def test_bbc_news_layout_from_a_directory(tmp_path: Path) -> None:
     sport, tech = load_source("bbc-news", path=tmp_path, max_chars=14)
     assert sport.choices == ("sport", "tech")
     assert (sport.answer, sport.target, sport.category) == (0, "sport", "sport")
-    assert sport.prompt.endswith("Article: Match report")  # cut at a word boundary
-    assert tech.prompt.endswith("Article: Price £300.")  # the corpus's cp1252 pound sign
+    question = "What is the topic of this news article? Answer with one of: sport, tech."
+    assert sport.prompt == f"Article: Match report\n\n{question}"  # cut at a word boundary
+    assert tech.prompt.startswith("Article: Price £300.")  # the corpus's cp1252 pound sign
 
 
 # ----------------------------------------------------------------------------- real data
@@ -518,10 +521,10 @@ def test_bbc_news_from_installed_package() -> None:
     topics = examples[0].choices
     assert len(topics) == 5
     assert Counter(e.category for e in examples).keys() == set(topics)
-    assert all(
-        e.choices[e.answer] == e.target == e.category for e in examples if e.answer is not None
-    )
-    assert all(len(e.prompt.split("Article: ", 1)[1]) <= 1500 for e in examples)
+    assert all(e.choices[e.answer] == e.target == e.category for e in examples if e.answer is not None)
+    articles = [e.prompt.removeprefix("Article: ").rsplit("\n\nWhat is the topic", 1)[0] for e in examples]
+    assert all(0 < len(article) <= 1500 for article in articles)
+    assert max(map(len, articles)) > 1400
 
 
 @pytest.fixture

@@ -96,6 +96,40 @@ class SyntheticSection:
 
 
 @dataclass
+class LLMSection:
+    """[llm]: a causal LM fine-tuned on a real dataset (used when workload.kind = "llm")."""
+
+    model: str = "smollm2-135m"
+    """Alias (smollm2-135m, gemma3-270m), local HF model folder or hub id."""
+    dtype: str = "auto"
+    device: str = "auto"
+    cache_dir: str = ""
+    """Where converted models are cached; empty: $PRELORT_CACHE or ~/.cache/prelort."""
+    source: Literal["bbc-news", "natural-instructions", "multiple-choice", "local", "hub"] = "bbc-news"
+    path: str = ""
+    """File or folder of the source ($VARS expanded); hub: the dataset id."""
+    tasks: list[str] = field(default_factory=list)
+    """Natural Instructions: the task names to use (empty: all)."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """local / hub: role -> column (instruction, input, output, category)."""
+    split: str = "train"
+    max_per_task: int = 0
+    max_examples: int = 0
+    """Random subset of this many examples before splitting (0: all)."""
+    max_chars: int = 1500
+    partition: Literal["iid", "dirichlet", "task"] = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    tasks_per_client: int = 2
+    test_examples: int = 100
+    max_length: int = 256
+    max_new_tokens: int = 32
+    eval_batch_size: int = 8
+    rouge: bool = False
+    """Generate greedily and report ROUGE-L (instruction tasks)."""
+    data_seed: int = 0
+
+
+@dataclass
 class WorkloadSection:
     """[workload]: which task the federation trains on."""
 
@@ -113,6 +147,7 @@ class Config:
     hetlora: HetLoRASection = field(default_factory=HetLoRASection)
     workload: WorkloadSection = field(default_factory=WorkloadSection)
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
+    llm: LLMSection = field(default_factory=LLMSection)
 
     @property
     def max_rank(self) -> int:
@@ -161,6 +196,14 @@ class Config:
         h = self.hetlora
         if not 0 < h.gamma < 1:
             raise ConfigError("hetlora.gamma must be in (0, 1)")
+        llm = self.llm
+        _positive("llm.test_examples", llm.test_examples)
+        _positive("llm.max_length", llm.max_length)
+        _positive("llm.eval_batch_size", llm.eval_batch_size)
+        if llm.dirichlet_alpha <= 0:
+            raise ConfigError("llm.dirichlet_alpha must be positive")
+        if self.workload.kind == "llm" and llm.source != "bbc-news" and not llm.path:
+            raise ConfigError(f"llm.path is required for llm.source = {llm.source!r} (a file, folder or hub id)")
         s = self.synthetic
         if s.min_examples <= 0 or s.max_examples < s.min_examples:
             raise ConfigError("synthetic.min_examples must be positive and <= synthetic.max_examples")

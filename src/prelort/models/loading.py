@@ -104,9 +104,7 @@ def _gemma3_gguf(scratch: Path) -> Path:
     try:
         path = gemma.assemble(scratch / gemma.MODEL_NAME)
     except (ImportError, FileNotFoundError) as exc:  # chunk packages part1..part4 missing
-        raise _missing_package(
-            "gemma3-270m", package, f"with its chunk dependencies; {exc}"
-        ) from exc
+        raise _missing_package("gemma3-270m", package, f"with its chunk dependencies; {exc}") from exc
     except ValueError as exc:  # sha256 mismatch
         raise ModelLoadError(
             f"model alias 'gemma3-270m': the assembled GGUF is corrupt ({exc}); reinstall {package}"
@@ -150,9 +148,7 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def resolve_dtype_device(
-    dtype: str = "auto", device: str = "auto"
-) -> tuple[torch.dtype, torch.device]:
+def resolve_dtype_device(dtype: str = "auto", device: str = "auto") -> tuple[torch.dtype, torch.device]:
     """Turn config strings into a ``(torch.dtype, torch.device)`` pair.
 
     ``device="auto"`` picks ``cuda`` when available, else ``cpu``; ``dtype="auto"`` picks
@@ -163,9 +159,7 @@ def resolve_dtype_device(
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-            raise ModelLoadError(
-                f"unknown device '{device}': use 'auto', 'cpu', 'cuda' or 'cuda:N'"
-            )
+            raise ModelLoadError(f"unknown device '{device}': use 'auto', 'cpu', 'cuda' or 'cuda:N'")
         dev = torch.device(device)
         if dev.type == "cuda":
             if not torch.cuda.is_available():
@@ -180,9 +174,7 @@ def resolve_dtype_device(
     if dtype == "auto":
         return (torch.bfloat16 if dev.type == "cuda" else torch.float32), dev
     if dtype not in _DTYPES:
-        raise ModelLoadError(
-            f"unknown dtype '{dtype}': use 'auto', 'float32', 'bfloat16' or 'float16'"
-        )
+        raise ModelLoadError(f"unknown dtype '{dtype}': use 'auto', 'float32', 'bfloat16' or 'float16'")
     return _DTYPES[dtype], dev
 
 
@@ -300,9 +292,7 @@ def _cached_gguf(target: Path, locate_gguf: Callable[[Path], Path], *, source: s
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(target)
     # Temp folder on the same filesystem as target, so the final rename is atomic.
-    scratch = Path(
-        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    )
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         gguf = locate_gguf(scratch / "gguf")
         out = scratch / "out"
@@ -344,9 +334,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
     except ImportError as exc:
-        raise ModelLoadError(
-            f"reading GGUF files needs the gguf package ({exc}): pip install gguf"
-        ) from exc
+        raise ModelLoadError(f"reading GGUF files needs the gguf package ({exc}): pip install gguf") from exc
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"could not convert GGUF '{gguf}': {_first_line(exc)}") from exc
     # The weights are dequantised now; saving must not record a GGUF quantizer.
@@ -364,14 +352,10 @@ def _from_pretrained(where: str | Path, dtype: torch.dtype, *, name: str) -> tup
         tokenizer = transformers.AutoTokenizer.from_pretrained(where)
         model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
     except ImportError as exc:
-        raise ModelLoadError(
-            f"loading '{name}' needs a missing package: {_first_line(exc)}"
-        ) from exc
+        raise ModelLoadError(f"loading '{name}' needs a missing package: {_first_line(exc)}") from exc
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ... for bad input
         if isinstance(where, Path):
-            raise ModelLoadError(
-                f"could not load a causal LM from '{where}': {_first_line(exc)}"
-            ) from exc
+            raise ModelLoadError(f"could not load a causal LM from '{where}': {_first_line(exc)}") from exc
         raise ModelLoadError(
             f"could not load '{name}' from the Hugging Face hub (it is neither a built-in "
             f"alias, {', '.join(BUILTIN_MODELS)}, nor a local folder): {_first_line(exc)}"

@@ -12,4 +12,6 @@ def build_workload(cfg: Config) -> Workload:
         from prelort.workloads.synthetic import SyntheticWorkload
 
         return SyntheticWorkload(cfg.synthetic, cfg.clients.num_clients, cfg.train.batch_size)
-    raise NotImplementedError(f"workload kind {cfg.workload.kind!r} is not available yet")
+    from prelort.workloads.llm import LLMWorkload
+
+    return LLMWorkload(cfg)

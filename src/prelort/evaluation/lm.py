@@ -1,0 +1,178 @@
+"""Causal-LM evaluation primitives and the per-rank evaluator of LLM workloads.
+
+- accuracy: argmax_c sum_t log p(c_t | prompt, c_<t) over each choice c (answer + eos);
+  the prompt is run once and its KV cache shared by all choices;
+- ROUGE-L: greedy decoding (left-padded batches) up to ``max_new_tokens``;
+- perplexity: exp(sum NLL / number of answer tokens) on the test answers (+ eos).
+Tokenisation is done once when the evaluator is built and reused for every rank level.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from prelort.data.examples import Example
+from prelort.data.formatting import IGNORE_INDEX, collate, encode_answer, encode_example, encode_prompt
+from prelort.evaluation.metrics import accuracy, rouge_l
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def choice_logprobs(
+    model: nn.Module, prompt_ids: Sequence[int], choice_ids: Sequence[Sequence[int]], pad_id: int
+) -> list[float]:
+    """log p(choice | prompt) for every choice; the prompt's KV cache is computed once."""
+    device = _device(model)
+    T = len(prompt_ids)
+    out = model(input_ids=torch.tensor([list(prompt_ids)], device=device), use_cache=True)
+    first = out.logits[0, -1].float().log_softmax(-1)  # (V,)
+    scores = [float(first[c[0]]) for c in choice_ids]
+    multi = [i for i, c in enumerate(choice_ids) if len(c) > 1]
+    if not multi:
+        return scores
+    L = max(len(choice_ids[i]) - 1 for i in multi)
+    inp = torch.full((len(multi), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(multi), T + L), dtype=torch.long)
+    mask[:, :T] = 1
+    for row, i in enumerate(multi):
+        c = list(choice_ids[i])
+        inp[row, : len(c) - 1] = torch.tensor(c[:-1])
+        mask[row, T : T + len(c) - 1] = 1
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(len(multi))
+    logits = model(
+        input_ids=inp.to(device), attention_mask=mask.to(device), past_key_values=cache
+    ).logits.float()
+    logp = logits.log_softmax(-1)  # (n_multi, L, V)
+    for row, i in enumerate(multi):
+        c = list(choice_ids[i])
+        scores[i] += float(sum(logp[row, j - 1, c[j]] for j in range(1, len(c))))
+    return scores
+
+
+@torch.no_grad()
+def answer_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """Summed next-token NLL over labelled positions, and their count."""
+    device = _device(model)
+    logits = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+    ).logits.float()
+    labels = batch["labels"].to(device)[:, 1:]
+    logits = logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return float(nll), int((labels != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_id: int, eos_id: int
+) -> list[list[int]]:
+    """Greedy continuations of left-padded prompts (new tokens only, up to eos)."""
+    device = _device(model)
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, T - len(p) :] = torch.tensor(list(p))
+        mask[row, T - len(p) :] = 1
+    gen: Any = model.generate  # type: ignore[operator]
+    out = gen(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+    )
+    results: list[list[int]] = []
+    for row in out[:, T:].tolist():
+        results.append(row[: row.index(eos_id)] if eos_id in row else row)
+    return results
+
+
+class LMEvaluator:
+    """Evaluates a causal LM on a fixed test split; built once, called per rank level.
+
+    Metrics: ``loss`` (mean answer NLL), ``perplexity`` = exp(loss), ``accuracy`` when the
+    examples have choices, ``rouge_l`` (mean best-over-references F) when ``generate``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        examples: Sequence[Example],
+        *,
+        max_length: int = 512,
+        batch_size: int = 8,
+        max_new_tokens: int = 32,
+        generate: bool = False,
+    ) -> None:
+        if not examples:
+            raise ValueError("the test split is empty; use more data or a larger test fraction")
+        self.tokenizer = tokenizer
+        self.examples = list(examples)
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.generate = generate
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.features = [encode_example(tokenizer, ex, max_length) for ex in self.examples]
+        self.with_choices = [i for i, ex in enumerate(self.examples) if ex.choices and ex.answer is not None]
+        self.prompt_ids = {}
+        for i, ex in enumerate(self.examples):
+            ids = encode_prompt(tokenizer, ex.prompt)
+            self.prompt_ids[i] = ids[-(max_length - 8) :] if len(ids) > max_length - 8 else ids
+        self.choice_ids = {
+            i: [encode_answer(tokenizer, c) for c in self.examples[i].choices] for i in self.with_choices
+        }
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        try:
+            return self._evaluate(model)
+        finally:
+            model.train(was_training)
+
+    def _evaluate(self, model: nn.Module) -> dict[str, float]:
+        nll, count = 0.0, 0
+        for start in range(0, len(self.features), self.batch_size):
+            batch = collate(self.features[start : start + self.batch_size], self.pad_id)
+            s, n = answer_nll(model, batch)
+            nll, count = nll + s, count + n
+        loss = nll / max(count, 1)
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        if self.with_choices:
+            preds, answers = [], []
+            for i in self.with_choices:
+                scores = choice_logprobs(model, self.prompt_ids[i], self.choice_ids[i], self.pad_id)
+                preds.append(max(range(len(scores)), key=scores.__getitem__))
+                answers.append(int(self.examples[i].answer))  # type: ignore[arg-type]
+            metrics["accuracy"] = accuracy(preds, answers)
+        if self.generate:
+            scores_r: list[float] = []
+            order = sorted(range(len(self.examples)), key=lambda i: len(self.prompt_ids[i]))
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                outs = greedy_generate(
+                    model,
+                    [self.prompt_ids[i] for i in idx],
+                    max_new_tokens=self.max_new_tokens,
+                    pad_id=self.pad_id,
+                    eos_id=self.eos_id,
+                )
+                for i, toks in zip(idx, outs, strict=True):
+                    text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+                    scores_r.append(rouge_l(text, self.examples[i].references))
+            metrics["rouge_l"] = sum(scores_r) / len(scores_r)
+        return metrics

@@ -1,0 +1,128 @@
+"""Federated fine-tuning of a causal LM on a real dataset.
+
+The base model is loaded once per run (``prelort.models``); the data is loaded, split into a
+held-out test set and client partitions (``prelort.data``), and tokenised once. The training
+loss is the mean next-token cross-entropy on answer tokens; evaluation reports loss,
+perplexity, accuracy (choice log-likelihood) and ROUGE-L (greedy answers) where the task has
+them (``prelort.evaluation``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from prelort.config import Config, LLMSection
+from prelort.data import Example, collate, encode_example, load_source, partition_indices, train_test_split
+from prelort.errors import ConfigError
+from prelort.evaluation import LMEvaluator
+
+
+def _path(s: LLMSection) -> str:
+    return os.path.expandvars(os.path.expanduser(s.path))
+
+
+def _source_options(s: LLMSection) -> dict[str, Any]:
+    builders: dict[str, Callable[[LLMSection], dict[str, Any]]] = {
+        "bbc-news": lambda s: {"path": _path(s) or None, "max_chars": s.max_chars},
+        "natural-instructions": lambda s: {
+            "path": _path(s),
+            "tasks": s.tasks or None,
+            "max_per_task": s.max_per_task or None,
+        },
+        "multiple-choice": lambda s: {"path": _path(s)},
+        "local": lambda s: {"path": _path(s), "fields": s.fields or None},
+        "hub": lambda s: {"dataset_id": s.path, "split": s.split, "fields": s.fields or None},
+    }
+    return builders[s.source](s)
+
+
+def load_examples(s: LLMSection) -> list[Example]:
+    """The configured source, optionally a seeded random subset of ``max_examples``."""
+    if "$" in s.path and "$" in _path(s):
+        raise ConfigError(f"llm.path {s.path!r} uses an unset environment variable; set it or give a path")
+    examples = load_source(s.source, **_source_options(s))
+    if s.max_examples and len(examples) > s.max_examples:
+        rng = random.Random(s.data_seed)
+        keep = sorted(rng.sample(range(len(examples)), s.max_examples))
+        examples = [examples[i] for i in keep]
+    return examples
+
+
+class LLMWorkload:
+    """Clients fine-tune a causal LM on non-IID partitions of one dataset."""
+
+    def __init__(self, cfg: Config) -> None:
+        from prelort.models import default_target_modules, load_causal_lm
+
+        s = cfg.llm
+        self.cfg = s
+        self.num_clients = cfg.clients.num_clients
+        self.batch_size = cfg.train.batch_size
+        self._load = lambda: load_causal_lm(s.model, dtype=s.dtype, device=s.device, cache_dir=s.cache_dir or None)
+        self._model, self.tokenizer = self._load()
+        self.target_modules = list(cfg.lora.target_modules or default_target_modules(self._model))
+        self.pad_id = int(
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        )
+
+        examples = load_examples(s)
+        if len(examples) <= s.test_examples:
+            raise ConfigError(
+                f"llm.test_examples = {s.test_examples} leaves no training data from {len(examples)} examples"
+            )
+        train_idx, test_idx = train_test_split(len(examples), s.test_examples / len(examples), s.data_seed)
+        self.test = [examples[i] for i in test_idx]
+        self.train = [examples[i] for i in train_idx]
+        parts = partition_indices(
+            [ex.category for ex in self.train],
+            self.num_clients,
+            s.partition,
+            alpha=s.dirichlet_alpha,
+            tasks_per_client=s.tasks_per_client,
+            seed=s.data_seed,
+        )
+        self.partitions = parts
+        self.features = [[encode_example(self.tokenizer, self.train[i], s.max_length) for i in p] for p in parts]
+        self.evaluator = LMEvaluator(
+            self.tokenizer,
+            self.test,
+            max_length=s.max_length,
+            batch_size=s.eval_batch_size,
+            max_new_tokens=s.max_new_tokens,
+            generate=s.rouge,
+        )
+
+    def build_model(self) -> nn.Module:
+        """The loaded base model (first call), then a fresh load for every later run."""
+        if self._model is not None:
+            model, self._model = self._model, None
+            return model
+        return self._load()[0]
+
+    def num_examples(self, client: int) -> int:
+        return len(self.features[client])
+
+    def batches(self, client: int, generator: torch.Generator) -> Iterator[Any]:
+        feats = self.features[client]
+        if not feats:
+            raise ConfigError(f"client {client} has no training examples; use fewer clients or more data")
+        bs = min(self.batch_size, len(feats))
+        while True:
+            order = torch.randperm(len(feats), generator=generator).tolist()
+            for i in range(0, len(order) - bs + 1, bs):
+                yield collate([feats[j] for j in order[i : i + bs]], self.pad_id)
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        device = next(model.parameters()).device
+        out = model(**{k: v.to(device) for k, v in batch.items()})
+        loss: torch.Tensor = out.loss
+        return loss
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return self.evaluator(model)
