@@ -37,6 +37,18 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     cmp_.add_argument("--out", required=True)
     cmp_.add_argument("--quiet", action="store_true")
+
+    exp = sub.add_parser("export", help="write a rank-r PEFT adapter from a finished run")
+    exp.add_argument("--run", required=True, help="the --out folder of `prelort run`")
+    exp.add_argument("--rank", required=True, type=int)
+    exp.add_argument("--out", required=True, help="adapter folder to write")
+
+    ev = sub.add_parser("eval", help="evaluate a run's global adapter (or an exported adapter)")
+    ev.add_argument("--run", required=True, help="the --out folder of `prelort run` (its config is used)")
+    ev.add_argument("--ranks", default="", help="comma-separated ranks (default: every level)")
+    ev.add_argument("--adapter", default="", help="a PEFT adapter folder to evaluate instead")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument("--out", default="", help="also write the metrics to this JSON file")
     return p
 
 
@@ -61,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "compare":
             return _cmd_compare(args)
+        if args.command == "export":
+            return _cmd_export(args)
+        if args.command == "eval":
+            return _cmd_eval(args)
     except _UsageError as exc:
         print(f"prelort: error: {exc}", file=sys.stderr)
         return 2
@@ -82,9 +98,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from prelort.reporting import per_rank_table, write_results
     from prelort.workloads import build_workload
 
+    from prelort.federation.artifacts import save_global
+
     cfg = load_config(args.config, args.set)
     workload = build_workload(cfg)
-    results = run_simulation(cfg, workload, progress=not args.quiet)
+    results = run_simulation(
+        cfg, workload, progress=not args.quiet, on_state=lambda state: save_global(args.out, state)
+    )
     write_results(args.out, results, cfg)
     console = _console(args.quiet)
     console.print(per_rank_table(results))
@@ -146,6 +166,97 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     plots = plot_summary(summary, runs, out)
     console.print(md)
     console.print(f"wrote {out / 'summary.json'}, {out / 'summary.md'} and {len(plots)} plots")
+    return 0
+
+
+def _run_artifacts(run_dir: str) -> tuple[Any, Any, Any]:
+    from prelort.config import load_config
+    from prelort.federation.artifacts import load_global
+
+    run = Path(run_dir)
+    if not (run / "config.toml").is_file():
+        raise UserError(f"{run}: no config.toml; pass the --out folder of a finished `prelort run`")
+    cfg = load_config(run / "config.toml")
+    try:
+        adapter, delta = load_global(run)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return cfg, adapter, delta
+
+
+def _base_model_path(cfg: Any) -> str | None:
+    if cfg.workload.kind != "llm":
+        return None
+    from prelort.models import BUILTIN_MODELS, ensure_cached
+
+    if cfg.llm.model in BUILTIN_MODELS:
+        return str(ensure_cached(cfg.llm.model, cfg.llm.cache_dir or None))
+    return str(cfg.llm.model)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from prelort.adapters import export_peft_adapter
+    from prelort.federation.core import make_rule, make_scaling
+    from prelort.federation.methods import get_method
+
+    cfg, adapter, delta = _run_artifacts(args.run)
+    if delta is not None:
+        raise UserError(
+            f"{args.run}: a {cfg.run.method} run merges its updates into the base weights "
+            "(base_delta.safetensors), which a LoRA adapter cannot carry; use `prelort eval --run` instead"
+        )
+    if not 0 < args.rank <= cfg.max_rank:
+        raise UserError(f"--rank {args.rank} outside 1..{cfg.max_rank} (the run's levels: {cfg.clients.levels})")
+    rule = make_rule(cfg, get_method(cfg.run.method))
+    rank_r = rule.downlink(adapter, args.rank)
+    out = export_peft_adapter(
+        rank_r, make_scaling(cfg)(args.rank), args.out, base_model_name_or_path=_base_model_path(cfg)
+    )
+    print(f"wrote PEFT adapter (rank {args.rank}) to {out}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from prelort.config import load_config
+    from prelort.federation.core import ServerState, make_rule
+    from prelort.federation.methods import get_method
+    from prelort.federation.simulator import build_nested, evaluate_per_rank
+    from prelort.reporting.files import write_json
+    from prelort.workloads import build_workload
+
+    cfg, adapter, delta = _run_artifacts(args.run)
+    if args.set:
+        cfg = load_config(Path(args.run) / "config.toml", args.set)
+    workload = build_workload(cfg)
+    if args.adapter:
+        from peft import PeftModel
+
+        adapter_dir = Path(args.adapter)
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise UserError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(workload.build_model(), str(adapter_dir)).eval()
+        with torch.no_grad():
+            metrics: dict[str, Any] = {"adapter": workload.evaluate(model)}
+    else:
+        levels = cfg.clients.levels
+        if args.ranks:
+            try:
+                levels = [int(r) for r in _parse_list(args.ranks, "ranks")]
+            except ValueError:
+                raise UserError(f"--ranks {args.ranks!r}: expected integers like 2,4,8") from None
+            if any(not 0 < r <= cfg.max_rank for r in levels):
+                raise UserError(f"--ranks {args.ranks}: every rank must be in 1..{cfg.max_rank}")
+        nested = build_nested(cfg, workload)
+        if delta is not None:
+            nested.add_to_base(delta)
+        rule = make_rule(cfg, get_method(cfg.run.method))
+        state = ServerState(round=-1, adapter=adapter, client_ranks=())
+        metrics = evaluate_per_rank(nested, rule, state, levels, workload)
+    print(json.dumps(metrics, indent=2))
+    if args.out:
+        write_json(args.out, metrics)
     return 0
 
 

@@ -8,8 +8,11 @@ from prelort.adapters.state import (
     adapter_num_bytes,
     clone_adapter,
     init_adapter,
+    load_adapter,
+    save_adapter,
     truncate_adapter,
 )
+from prelort.adapters.export import export_peft_adapter
 
 __all__ = [
     "Adapter",
@@ -18,6 +21,9 @@ __all__ = [
     "Scaling",
     "adapter_num_bytes",
     "clone_adapter",
+    "export_peft_adapter",
     "init_adapter",
+    "load_adapter",
+    "save_adapter",
     "truncate_adapter",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -124,3 +125,43 @@ def init_adapter(shapes: dict[str, tuple[int, int]], rank: int, generator: torch
         A = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
         adapter[name] = LoRAPair(A, torch.zeros(out_features, rank))
     return adapter
+
+
+def save_adapter(adapter: Adapter, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Save as safetensors (``<module>.A`` / ``<module>.B``), atomically."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {}
+    for name, pair in adapter.items():
+        tensors[f"{name}.A"] = pair.A.detach().contiguous().float()
+        tensors[f"{name}.B"] = pair.B.detach().contiguous().float()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Inverse of ``save_adapter``; raises ValueError on a damaged or foreign file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable adapter file ({exc})") from None
+    names = {k.rsplit(".", 1)[0] for k in tensors}
+    try:
+        return {n: LoRAPair(tensors[f"{n}.A"], tensors[f"{n}.B"]) for n in sorted(names)}
+    except KeyError as exc:
+        raise ValueError(f"{path}: adapter file misses tensor {exc}") from None

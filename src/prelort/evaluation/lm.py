@@ -9,6 +9,7 @@ Tokenisation is done once when the evaluator is built and reused for every rank 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -17,12 +18,23 @@ import torch
 from torch import nn
 
 from prelort.data.examples import Example
-from prelort.data.formatting import IGNORE_INDEX, collate, encode_answer, encode_example, encode_prompt
+from prelort.data.formatting import IGNORE_INDEX, collate, encode_answer, encode_example
 from prelort.evaluation.metrics import accuracy, rouge_l
 
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` during 5.x; use what exists."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 @torch.no_grad()
@@ -32,8 +44,8 @@ def choice_logprobs(
     """log p(choice | prompt) for every choice; the prompt's KV cache is computed once."""
     device = _device(model)
     T = len(prompt_ids)
-    out = model(input_ids=torch.tensor([list(prompt_ids)], device=device), use_cache=True)
-    first = out.logits[0, -1].float().log_softmax(-1)  # (V,)
+    out = model(input_ids=torch.tensor([list(prompt_ids)], device=device), use_cache=True, logits_to_keep=1)
+    first = out.logits[0, -1].float().log_softmax(-1)  # (V,): only the last position's logits
     scores = [float(first[c[0]]) for c in choice_ids]
     multi = [i for i, c in enumerate(choice_ids) if len(c) > 1]
     if not multi:
@@ -46,11 +58,10 @@ def choice_logprobs(
         c = list(choice_ids[i])
         inp[row, : len(c) - 1] = torch.tensor(c[:-1])
         mask[row, T : T + len(c) - 1] = 1
-    cache = out.past_key_values
+    cache = _output_cache(out)
     cache.batch_repeat_interleave(len(multi))
-    logits = model(
-        input_ids=inp.to(device), attention_mask=mask.to(device), past_key_values=cache
-    ).logits.float()
+    kwargs = {_cache_kwarg(model): cache}
+    logits = model(input_ids=inp.to(device), attention_mask=mask.to(device), **kwargs).logits.float()
     logp = logits.log_softmax(-1)  # (n_multi, L, V)
     for row, i in enumerate(multi):
         c = list(choice_ids[i])
@@ -128,12 +139,20 @@ class LMEvaluator:
         self.eos_id = int(tokenizer.eos_token_id)
         self.features = [encode_example(tokenizer, ex, max_length) for ex in self.examples]
         self.with_choices = [i for i, ex in enumerate(self.examples) if ex.choices and ex.answer is not None]
-        self.prompt_ids = {}
-        for i, ex in enumerate(self.examples):
-            ids = encode_prompt(tokenizer, ex.prompt)
-            self.prompt_ids[i] = ids[-(max_length - 8) :] if len(ids) > max_length - 8 else ids
+        # the (possibly left-truncated) prompt exactly as in the training encoding
+        self.prompt_ids = {
+            i: f["input_ids"][: f["labels"].count(IGNORE_INDEX)] for i, f in enumerate(self.features)
+        }
         self.choice_ids = {
             i: [encode_answer(tokenizer, c) for c in self.examples[i].choices] for i in self.with_choices
+        }
+        # Examples whose training target is the correct choice and whose prompt was not
+        # truncated: their perplexity comes from the choice scores, with no second pass.
+        self.target_is_answer = {
+            i
+            for i in self.with_choices
+            if self.choice_ids[i][self.examples[i].answer or 0]
+            == self.features[i]["input_ids"][len(self.prompt_ids[i]) :]
         }
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
@@ -146,19 +165,25 @@ class LMEvaluator:
 
     def _evaluate(self, model: nn.Module) -> dict[str, float]:
         nll, count = 0.0, 0
-        for start in range(0, len(self.features), self.batch_size):
-            batch = collate(self.features[start : start + self.batch_size], self.pad_id)
-            s, n = answer_nll(model, batch)
-            nll, count = nll + s, count + n
-        loss = nll / max(count, 1)
-        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        metrics: dict[str, float] = {}
         if self.with_choices:
             preds, answers = [], []
             for i in self.with_choices:
                 scores = choice_logprobs(model, self.prompt_ids[i], self.choice_ids[i], self.pad_id)
                 preds.append(max(range(len(scores)), key=scores.__getitem__))
-                answers.append(int(self.examples[i].answer))  # type: ignore[arg-type]
+                answer = int(self.examples[i].answer)  # type: ignore[arg-type]
+                answers.append(answer)
+                if i in self.target_is_answer:  # the correct choice's NLL is the answer NLL
+                    nll -= scores[answer]
+                    count += len(self.choice_ids[i][answer])
             metrics["accuracy"] = accuracy(preds, answers)
+        rest = [f for i, f in enumerate(self.features) if i not in self.target_is_answer]
+        for start in range(0, len(rest), self.batch_size):
+            batch = collate(rest[start : start + self.batch_size], self.pad_id)
+            s, n = answer_nll(model, batch)
+            nll, count = nll + s, count + n
+        loss = nll / max(count, 1)
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), **metrics}
         if self.generate:
             scores_r: list[float] = []
             order = sorted(range(len(self.examples)), key=lambda i: len(self.prompt_ids[i]))

@@ -31,6 +31,7 @@ from prelort.federation.methods import get_method
 from prelort.federation.workload import Workload
 
 RoundCallback = Callable[[dict[str, Any]], None]
+StateCallback = Callable[[ServerState], None]
 
 
 def evaluate_per_rank(
@@ -60,6 +61,7 @@ def run_simulation(
     workload: Workload,
     *,
     on_round: RoundCallback | None = None,
+    on_state: StateCallback | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Run a whole federated training and return the ``results.json`` dict (DESIGN.md §3)."""
@@ -113,6 +115,8 @@ def run_simulation(
                 record["per_rank"] = evaluate_per_rank(nested, rule, state, levels, workload)
             record["seconds"] = time.perf_counter() - t0
             rounds.append(record)
+            if on_state:
+                on_state(state)
             if on_round:
                 on_round(record)
             if bar is not None:
