@@ -109,13 +109,15 @@ def test_set_adapter_rejects_wrong_modules_and_shapes() -> None:
         nested.set_adapter(bad)
 
 
-def test_base_is_frozen_and_add_to_base() -> None:
+def test_base_is_frozen_and_set_base_delta_is_relative_to_the_original() -> None:
     nested = _nested()
     assert not any(p.requires_grad for p in nested.model.parameters())
     base = copy.deepcopy(nested.layers["fc1"].get_base_layer().weight)
     delta = torch.randn_like(base)
-    nested.add_to_base({"fc1": delta})
+    nested.set_base_delta({"fc1": delta})
     torch.testing.assert_close(nested.layers["fc1"].get_base_layer().weight, base + delta)
+    nested.set_base_delta({"fc1": 2 * delta})  # accumulated delta, not added twice
+    torch.testing.assert_close(nested.layers["fc1"].get_base_layer().weight, base + 2 * delta)
 
 
 def test_no_matching_target_is_an_error() -> None:

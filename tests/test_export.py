@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from test_llm import tiny_llama
 
 from prelort.adapters import LoRAPair, NestedLoRA, Scaling, export_peft_adapter
 from prelort.cli import main
+from test_llm import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,8 +22,10 @@ def test_export_roundtrip_logits_equal_rank_r_truncation(tmp_path: Path, kind: s
     nested = NestedLoRA(tiny_llama(), ["q_proj", "v_proj"], Scaling(kind, 16.0, 8))  # type: ignore[arg-type]
     g = torch.Generator().manual_seed(0)
     nested.set_adapter(
-        {n: LoRAPair(torch.randn(8, i, generator=g) * 0.2, torch.randn(o, 8, generator=g) * 0.2)
-         for n, (o, i) in nested.shapes().items()}
+        {
+            n: LoRAPair(torch.randn(8, i, generator=g) * 0.2, torch.randn(o, 8, generator=g) * 0.2)
+            for n, (o, i) in nested.shapes().items()
+        }
     )
     nested.set_rank(r)
     ids = torch.randint(0, 120, (2, 9), generator=g)
@@ -42,9 +44,20 @@ def test_export_roundtrip_logits_equal_rank_r_truncation(tmp_path: Path, kind: s
 
 def test_cli_run_export_eval_on_synthetic(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    small = ["--set", "run.rounds=2", "--set", "clients.levels=[2,4]", "--set", "clients.num_clients=4",
-             "--set", "synthetic.test_examples=40"]
-    assert main(["run", "--config", str(ROOT / "configs/synthetic.toml"), "--out", str(run), "--quiet", *small]) == 0
+    small = [
+        "--set",
+        "run.rounds=2",
+        "--set",
+        "clients.levels=[2,4]",
+        "--set",
+        "clients.num_clients=4",
+        "--set",
+        "synthetic.test_examples=40",
+    ]
+    assert (
+        main(["run", "--config", str(ROOT / "configs/synthetic.toml"), "--out", str(run), "--quiet", *small])
+        == 0
+    )
     assert (run / "global_adapter.safetensors").is_file()
     assert main(["export", "--run", str(run), "--rank", "2", "--out", str(tmp_path / "a2")]) == 0
     assert json.loads((tmp_path / "a2" / "adapter_config.json").read_text())["r"] == 2
@@ -54,4 +67,6 @@ def test_cli_run_export_eval_on_synthetic(tmp_path: Path) -> None:
     for lv in ("2", "4"):
         assert evaluated[lv]["loss"] == pytest.approx(final[lv]["loss"], rel=1e-5)
     assert main(["export", "--run", str(run), "--rank", "99", "--out", str(tmp_path / "bad")]) == 2
-    assert main(["export", "--run", str(tmp_path / "nope"), "--rank", "2", "--out", str(tmp_path / "bad")]) == 2
+    assert (
+        main(["export", "--run", str(tmp_path / "nope"), "--rank", "2", "--out", str(tmp_path / "bad")]) == 2
+    )

@@ -25,14 +25,24 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(VOCAB - 2)]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>", unk_token="<unk>"
+    )
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=1, pad_token_id=1, bos_token_id=1,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=1,
+        pad_token_id=1,
+        bos_token_id=1,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -117,7 +127,9 @@ def test_greedy_generate_left_padded_batch_equals_manual_argmax() -> None:
 def test_evaluator_perplexity_from_choices_equals_separate_pass() -> None:
     model, tok = tiny_llama(), tiny_tokenizer()
     choices = (words(20), words(21, 22), words(23))
-    exs = [Example(words(i, i + 1, i + 2), choices[i % 3], (choices[i % 3],), choices, i % 3) for i in range(6)]
+    exs = [
+        Example(words(i, i + 1, i + 2), choices[i % 3], (choices[i % 3],), choices, i % 3) for i in range(6)
+    ]
     ev = LMEvaluator(tok, exs, max_length=32)
     assert ev.target_is_answer == set(range(6))
     fast = ev(model)
@@ -132,35 +144,59 @@ def _write_mc(path: Path, n: int = 48) -> Path:
     rows = []
     for i in range(n):
         ans = i % 3
-        rows.append({"definition": "pick", "input": words(10 + i % 40, 50 + ans), "choices": ["w90", "w91", "w92"],
-                     "answer": ans})
+        rows.append(
+            {
+                "definition": "pick",
+                "input": words(10 + i % 40, 50 + ans),
+                "choices": ["w90", "w91", "w92"],
+                "answer": ans,
+            }
+        )
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
 
 
 def _write_dolly(path: Path, n: int = 40) -> Path:
-    rows = [{"instruction": words(3, i % 30), "context": "", "response": words(40 + i % 5, 41),
-             "category": f"c{i % 4}"} for i in range(n)]
+    rows = [
+        {
+            "instruction": words(3, i % 30),
+            "context": "",
+            "response": words(40 + i % 5, 41),
+            "category": f"c{i % 4}",
+        }
+        for i in range(n)
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
 
 
 def _llm_cfg(model_dir: Path, method: str, llm: dict[str, Any]):
-    return config_from_dict({
-        "run": {"method": method, "rounds": 2, "clients_per_round": 2, "eval_every": 1},
-        "clients": {"num_clients": 3, "levels": [2, 4, 8]},
-        "train": {"steps": 2, "batch_size": 4, "lr": 0.01, "nested_mode": "all"},
-        "workload": {"kind": "llm"},
-        "llm": {"model": str(model_dir), "max_length": 48, "test_examples": 8, "eval_batch_size": 4, **llm},
-    })
+    return config_from_dict(
+        {
+            "run": {"method": method, "rounds": 2, "clients_per_round": 2, "eval_every": 1},
+            "clients": {"num_clients": 3, "levels": [2, 4, 8]},
+            "train": {"steps": 2, "batch_size": 4, "lr": 0.01, "nested_mode": "all"},
+            "workload": {"kind": "llm"},
+            "llm": {
+                "model": str(model_dir),
+                "max_length": 48,
+                "test_examples": 8,
+                "eval_batch_size": 4,
+                **llm,
+            },
+        }
+    )
 
 
 @pytest.mark.parametrize("method", ["prelort", "flexlora", "flora"])
 def test_llm_workload_federated_rounds_on_tiny_llama(tiny_dir: Path, tmp_path: Path, method: str) -> None:
     from prelort.workloads import build_workload
 
-    cfg = _llm_cfg(tiny_dir, method, {"source": "multiple-choice", "path": str(_write_mc(tmp_path / "mc.jsonl")),
-                                      "partition": "iid"})
+    cfg = _llm_cfg(
+        tiny_dir,
+        method,
+        {"source": "multiple-choice", "path": str(_write_mc(tmp_path / "mc.jsonl")), "partition": "iid"},
+    )
     wl = build_workload(cfg)
     assert wl.target_modules == ["q_proj", "v_proj"]
     assert sum(wl.num_examples(k) for k in range(3)) == 48 - 8  # test split held out
@@ -175,8 +211,17 @@ def test_llm_workload_federated_rounds_on_tiny_llama(tiny_dir: Path, tmp_path: P
 def test_llm_workload_generation_task_reports_rouge(tiny_dir: Path, tmp_path: Path) -> None:
     from prelort.workloads import build_workload
 
-    cfg = _llm_cfg(tiny_dir, "segment", {"source": "local", "path": str(_write_dolly(tmp_path / "d.jsonl")),
-                                         "partition": "dirichlet", "rouge": True, "max_new_tokens": 4})
+    cfg = _llm_cfg(
+        tiny_dir,
+        "segment",
+        {
+            "source": "local",
+            "path": str(_write_dolly(tmp_path / "d.jsonl")),
+            "partition": "dirichlet",
+            "rouge": True,
+            "max_new_tokens": 4,
+        },
+    )
     res = run_simulation(cfg, build_workload(cfg))
     m = res["final"]["per_rank"]["4"]
     assert set(m) == {"loss", "perplexity", "rouge_l"} and 0.0 <= m["rouge_l"] <= 1.0

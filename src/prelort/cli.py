@@ -21,16 +21,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one federated training and write DIR/results.json")
-    run.add_argument("--config", required=True, help="TOML config file")
+    run.add_argument("--config", help="TOML config file")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    run.add_argument("--out", help="output directory (checkpointed after every round)")
     run.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+        "--resume", metavar="DIR", help="continue the killed run in DIR from its last checkpoint"
     )
-    run.add_argument("--out", required=True, help="output directory")
     run.add_argument("--quiet", action="store_true", help="no progress bar or table")
 
-    cmp_ = sub.add_parser(
-        "compare", help="run several methods and seeds; write summary.{json,md} and plots"
-    )
+    cmp_ = sub.add_parser("compare", help="run several methods and seeds; write summary.{json,md} and plots")
     cmp_.add_argument("--config", required=True)
     cmp_.add_argument("--methods", default="prelort,segment,hetlora,flexlora,flora,fedit")
     cmp_.add_argument("--seeds", default="0,1,2")
@@ -92,23 +91,56 @@ def _console(quiet: bool) -> Any:
     return Console(stderr=False, quiet=quiet)
 
 
+def execute_run(cfg: Any, workload: Any, out: Path, *, progress: bool, console: Any) -> dict[str, Any]:
+    """Run (or resume) one simulation in ``out`` with a checkpoint after every round."""
+    from prelort.config import config_to_dict, dump_toml
+    from prelort.federation.artifacts import save_global
+    from prelort.federation.checkpoint import load_checkpoint, save_checkpoint
+    from prelort.federation.simulator import run_simulation
+    from prelort.reporting import atomic_write_text, write_results
+
+    resume = load_checkpoint(out, cfg, log=console.print)
+    if resume is not None:
+        console.print(f"resuming {out} after round {resume[0].round}")
+    else:
+        atomic_write_text(out / "config.toml", dump_toml(config_to_dict(cfg)))
+
+    def on_state(state: Any, rounds: list[dict[str, Any]]) -> None:
+        save_checkpoint(out, state, rounds, cfg)
+        save_global(out, state)
+
+    results = run_simulation(cfg, workload, progress=progress, on_state=on_state, resume=resume)
+    write_results(out, results, cfg)
+    return results
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from prelort.config import load_config
-    from prelort.federation.simulator import run_simulation
-    from prelort.reporting import per_rank_table, write_results
+    from prelort.federation.checkpoint import CHECKPOINT_DIR
+    from prelort.reporting import per_rank_table
     from prelort.workloads import build_workload
 
-    from prelort.federation.artifacts import save_global
-
-    cfg = load_config(args.config, args.set)
-    workload = build_workload(cfg)
-    results = run_simulation(
-        cfg, workload, progress=not args.quiet, on_state=lambda state: save_global(args.out, state)
-    )
-    write_results(args.out, results, cfg)
     console = _console(args.quiet)
+    if args.resume:
+        if args.config or args.set or (args.out and Path(args.out) != Path(args.resume)):
+            raise UserError("--resume DIR takes the run's own config.toml; drop --config/--set/--out")
+        out = Path(args.resume)
+        if not (out / "config.toml").is_file():
+            raise UserError(f"{out}: nothing to resume (no config.toml); start it with --config and --out")
+        cfg = load_config(out / "config.toml")
+    else:
+        if not args.config or not args.out:
+            raise UserError("run needs --config FILE and --out DIR (or --resume DIR)")
+        out = Path(args.out)
+        if (out / CHECKPOINT_DIR).is_dir():
+            raise UserError(
+                f"{out} already holds a run; continue it with --resume {out} or choose another --out"
+            )
+        cfg = load_config(args.config, args.set)
+    workload = build_workload(cfg)
+    results = execute_run(cfg, workload, out, progress=not args.quiet, console=console)
     console.print(per_rank_table(results))
-    console.print(f"wrote {Path(args.out) / 'results.json'}")
+    console.print(f"wrote {out / 'results.json'}")
     return 0
 
 
@@ -122,8 +154,7 @@ def _parse_list(text: str, what: str) -> list[str]:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from prelort.config import load_config
     from prelort.federation.methods import METHODS
-    from prelort.federation.simulator import run_simulation
-    from prelort.reporting import summarise, summary_markdown, write_results
+    from prelort.reporting import summarise, summary_markdown
     from prelort.reporting.files import atomic_write_text, write_json
     from prelort.reporting.summary import plot_summary
     from prelort.workloads import build_workload
@@ -135,9 +166,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     try:
         seeds = [int(s) for s in _parse_list(args.seeds, "seeds")]
     except ValueError:
-        raise UserError(
-            f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2"
-        ) from None
+        raise UserError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
     out = Path(args.out)
     base_cfg = load_config(args.config, args.set)
     console = _console(args.quiet)
@@ -145,18 +174,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     workload = build_workload(base_cfg)
     for seed in seeds:
         for method in methods:
-            cfg = load_config(
-                args.config, [*args.set, f'run.method="{method}"', f"run.seed={seed}"]
-            )
+            cfg = load_config(args.config, [*args.set, f'run.method="{method}"', f"run.seed={seed}"])
             run_dir = out / "runs" / f"{method}-seed{seed}"
             existing = run_dir / "results.json"
             if existing.is_file():  # finished earlier: reuse, nothing computed is lost
                 runs.append(json.loads(existing.read_text(encoding="utf-8")))
                 console.print(f"reusing {existing}")
                 continue
-            results = run_simulation(cfg, workload, progress=not args.quiet)
-            write_results(run_dir, results, cfg)
-            runs.append(results)
+            runs.append(execute_run(cfg, workload, run_dir, progress=not args.quiet, console=console))
     summary = summarise(runs)
     summary["config"] = str(args.config)
     summary["overrides"] = list(args.set)
@@ -206,7 +231,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
             "(base_delta.safetensors), which a LoRA adapter cannot carry; use `prelort eval --run` instead"
         )
     if not 0 < args.rank <= cfg.max_rank:
-        raise UserError(f"--rank {args.rank} outside 1..{cfg.max_rank} (the run's levels: {cfg.clients.levels})")
+        raise UserError(
+            f"--rank {args.rank} outside 1..{cfg.max_rank} (the run's levels: {cfg.clients.levels})"
+        )
     rule = make_rule(cfg, get_method(cfg.run.method))
     rank_r = rule.downlink(adapter, args.rank)
     out = export_peft_adapter(
@@ -250,7 +277,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 raise UserError(f"--ranks {args.ranks}: every rank must be in 1..{cfg.max_rank}")
         nested = build_nested(cfg, workload)
         if delta is not None:
-            nested.add_to_base(delta)
+            nested.set_base_delta(delta)
         rule = make_rule(cfg, get_method(cfg.run.method))
         state = ServerState(round=-1, adapter=adapter, client_ranks=())
         metrics = evaluate_per_rank(nested, rule, state, levels, workload)

@@ -31,6 +31,12 @@ class RunSection:
     rounds: int = 20
     clients_per_round: int = 4
     eval_every: int = 5
+    min_clients: int = 1
+    """Fewer valid updates than this in a round: the round is skipped (global kept)."""
+    client_timeout: float = 0.0
+    """Seconds a client may take; a later update is dropped (0: no limit)."""
+    max_update_norm: float = 0.0
+    """Reject updates whose norm sqrt(sum ||A||^2 + ||B||^2) exceeds this (0: no bound)."""
 
 
 @dataclass
@@ -165,6 +171,14 @@ class Config:
         _positive("run.rounds", run.rounds)
         _positive("run.eval_every", run.eval_every)
         _positive("run.clients_per_round", run.clients_per_round)
+        _positive("run.min_clients", run.min_clients)
+        if run.min_clients > run.clients_per_round:
+            raise ConfigError(
+                f"run.min_clients = {run.min_clients} is more than run.clients_per_round = "
+                f"{run.clients_per_round}; no round could ever aggregate"
+            )
+        if run.client_timeout < 0 or run.max_update_norm < 0:
+            raise ConfigError("run.client_timeout and run.max_update_norm must be >= 0 (0 disables)")
         _positive("clients.num_clients", cl.num_clients)
         if run.clients_per_round > cl.num_clients:
             raise ConfigError(
@@ -203,7 +217,9 @@ class Config:
         if llm.dirichlet_alpha <= 0:
             raise ConfigError("llm.dirichlet_alpha must be positive")
         if self.workload.kind == "llm" and llm.source != "bbc-news" and not llm.path:
-            raise ConfigError(f"llm.path is required for llm.source = {llm.source!r} (a file, folder or hub id)")
+            raise ConfigError(
+                f"llm.path is required for llm.source = {llm.source!r} (a file, folder or hub id)"
+            )
         s = self.synthetic
         if s.min_examples <= 0 or s.max_examples < s.min_examples:
             raise ConfigError("synthetic.min_examples must be positive and <= synthetic.max_examples")

@@ -1,5 +1,6 @@
 """Nested LoRA adapters: state types, truncation and injection into torch models."""
 
+from prelort.adapters.export import export_peft_adapter
 from prelort.adapters.nested import NestedLoRA
 from prelort.adapters.state import (
     Adapter,
@@ -12,7 +13,6 @@ from prelort.adapters.state import (
     save_adapter,
     truncate_adapter,
 )
-from prelort.adapters.export import export_peft_adapter
 
 __all__ = [
     "Adapter",

@@ -72,6 +72,7 @@ class NestedLoRA:
         for p in self.model.parameters():  # training switches the adapter factors on
             p.requires_grad_(False)
         self._rank = self.max_rank
+        self._base_weights: dict[str, torch.Tensor] = {}
         self._masks: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
         for layer in self.layers.values():
             layer.lora_A[ADAPTER_NAME].register_forward_hook(self._mask_hook)
@@ -164,11 +165,18 @@ class NestedLoRA:
             B[:, :r].copy_(pair.B)
 
     @torch.no_grad()
-    def add_to_base(self, deltas: dict[str, torch.Tensor]) -> None:
-        """W <- W + dW for each named module (FLoRA's merge into the base weights)."""
+    def set_base_delta(self, deltas: dict[str, torch.Tensor]) -> None:
+        """W <- W0 + dW for each named module (FLoRA's merged updates, dW accumulated).
+
+        W0 is kept from the first call, so the weights depend only on the accumulated dW,
+        not on the order of merges: a resumed run gets bit-identical weights.
+        """
         for name, delta in deltas.items():
             weight = cast(nn.Linear, self.layers[name].get_base_layer()).weight
-            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+            original = self._base_weights.get(name)
+            if original is None:
+                original = self._base_weights[name] = weight.detach().clone()
+            weight.copy_(original + delta.to(device=weight.device, dtype=weight.dtype))
 
     def zero_grad(self) -> None:
         for p, _ in self.parameters_with_rank_dim():

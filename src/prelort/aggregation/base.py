@@ -34,10 +34,15 @@ class AggregationResult:
 
 @dataclass(frozen=True)
 class RuleOptions:
-    """Settings a rule may need: the LoRA scale s(r) and a generator for fresh factors."""
+    """Settings a rule may need: the LoRA scale s(r) and a generator for fresh factors.
+
+    With ``seed`` set, ``server_update`` gives every round its own generator seeded by
+    (seed, round), so a resumed run draws exactly what an uninterrupted one would.
+    """
 
     scaling: Scaling | None = None
     generator: torch.Generator | None = None
+    seed: int | None = None
 
     def scale(self, r: int) -> float:
         return 1.0 if self.scaling is None else self.scaling(r)

@@ -8,9 +8,9 @@ Low-Rank Adaptations", NeurIPS 2024. Per module the server stacks
 
 with p_k = n_k / sum_j n_j on A (as in the reference code ATP-1010/FederatedLLM) and
 s_k = s(r_k) folded into B, so that B_g @ A_g = sum_k p_k s(r_k) B_k A_k exactly (no cross
-terms, unlike averaging A and B separately). Clients merge B_g A_g into their base weights and start a fresh adapter
-(A random, B = 0) next round; the stacked factors are what travels down, so the download
-grows with the number and ranks of clients.
+terms, unlike averaging A and B separately). Clients merge B_g A_g into their base weights
+and start a fresh adapter (A random, B = 0) next round; the stacked factors are what
+travels down, so the download grows with the number and ranks of clients.
 """
 
 from __future__ import annotations

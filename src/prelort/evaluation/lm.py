@@ -135,7 +135,9 @@ class LMEvaluator:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.generate = generate
-        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        self.pad_id = int(
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
         self.eos_id = int(tokenizer.eos_token_id)
         self.features = [encode_example(tokenizer, ex, max_length) for ex in self.examples]
         self.with_choices = [i for i, ex in enumerate(self.examples) if ex.choices and ex.answer is not None]

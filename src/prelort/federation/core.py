@@ -62,9 +62,7 @@ def assign_ranks(cfg: Config) -> list[int]:
     return [int(levels[i]) for i in rng.choice(len(levels), size=cl.num_clients, p=probs)]
 
 
-def effective_ranks(
-    method: MethodSpec, capacities: Sequence[int], levels: Sequence[int]
-) -> list[int]:
+def effective_ranks(method: MethodSpec, capacities: Sequence[int], levels: Sequence[int]) -> list[int]:
     """The rank each client trains at: its capacity, or FedIT's common rank."""
     if method.homogeneous == "min":
         return [min(levels)] * len(capacities)
@@ -101,8 +99,7 @@ class ClientResult:
 
 def make_rule(cfg: Config, method: MethodSpec) -> AggregationRule:
     scaling = make_scaling(cfg)
-    gen = generator_for(cfg.run.seed, "rule")
-    return get_rule(method.rule, RuleOptions(scaling=scaling, generator=gen))
+    return get_rule(method.rule, RuleOptions(scaling=scaling, seed=cfg.run.seed))
 
 
 def make_scaling(cfg: Config) -> Scaling:
@@ -154,9 +151,7 @@ def client_update(
     h = cfg.hetlora
     regulariser = make_regulariser(h.lam, h.gamma) if method.self_prune else None
     before = float(tail_norm(nested, rank, h.gamma).detach()) if method.self_prune else 0.0
-    stats = train_local(
-        nested, rank, cfg.clients.levels, batches, workload.loss, train_cfg, gen, regulariser
-    )
+    stats = train_local(nested, rank, cfg.clients.levels, batches, workload.loss, train_cfg, gen, regulariser)
     new_rank = rank
     if method.self_prune:
         after = float(tail_norm(nested, rank, h.gamma).detach())
@@ -174,13 +169,16 @@ def server_update(
     state: ServerState, rule: AggregationRule, updates: Sequence[ClientUpdate]
 ) -> tuple[ServerState, AggregationResult]:
     """Aggregate one round's updates into the next server state."""
+    if rule.options.seed is not None:  # per-round randomness (FLoRA's fresh factors), resumable
+        gen = generator_for(rule.options.seed, "rule", state.round + 1)
+        rule = type(rule)(replace(rule.options, generator=gen))
     result = rule.aggregate(state.adapter, updates)
     base = state.base_delta
     if result.base_delta is not None:
         if base is None:
-            base = {k: v.clone() for k, v in result.base_delta.items()}
+            base = {k: v.float().clone() for k, v in result.base_delta.items()}
         else:
-            base = {k: base[k] + result.base_delta[k] for k in base}
+            base = {k: base[k] + result.base_delta[k].float() for k in base}
     ranks = list(state.client_ranks)
     for u in updates:
         if u.client_id is not None:

@@ -64,11 +64,16 @@ class LLMWorkload:
         self.cfg = s
         self.num_clients = cfg.clients.num_clients
         self.batch_size = cfg.train.batch_size
-        self._load = lambda: load_causal_lm(s.model, dtype=s.dtype, device=s.device, cache_dir=s.cache_dir or None)
-        self._model, self.tokenizer = self._load()
-        self.target_modules = list(cfg.lora.target_modules or default_target_modules(self._model))
+        self._load = lambda: load_causal_lm(
+            s.model, dtype=s.dtype, device=s.device, cache_dir=s.cache_dir or None
+        )
+        model, self.tokenizer = self._load()
+        self._model: nn.Module | None = model
+        self.target_modules = list(cfg.lora.target_modules or default_target_modules(model))
         self.pad_id = int(
-            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id
         )
 
         examples = load_examples(s)
@@ -88,7 +93,9 @@ class LLMWorkload:
             seed=s.data_seed,
         )
         self.partitions = parts
-        self.features = [[encode_example(self.tokenizer, self.train[i], s.max_length) for i in p] for p in parts]
+        self.features = [
+            [encode_example(self.tokenizer, self.train[i], s.max_length) for i in p] for p in parts
+        ]
         self.evaluator = LMEvaluator(
             self.tokenizer,
             self.test,
@@ -103,7 +110,8 @@ class LLMWorkload:
         if self._model is not None:
             model, self._model = self._model, None
             return model
-        return self._load()[0]
+        fresh: nn.Module = self._load()[0]
+        return fresh
 
     def num_examples(self, client: int) -> int:
         return len(self.features[client])
