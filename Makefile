@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.prelort-installed
 OUT ?= runs/demo
 
-.PHONY: install run test lint bench-synthetic clean
+.PHONY: install run run-synthetic test lint bench-synthetic clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/prelort run --config configs/synthetic.toml --out $(OUT)
+	rm -rf $(OUT)
+	$(VENV)/bin/prelort run --config configs/demo-bbc.toml --out $(OUT)
+
+run-synthetic: $(STAMP)
+	rm -rf runs/synthetic
+	$(VENV)/bin/prelort run --config configs/synthetic.toml --out runs/synthetic
 
 test: $(STAMP)
 	$(PY) -m pytest -q

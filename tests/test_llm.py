@@ -233,3 +233,35 @@ def test_every_shipped_config_loads(path: Path, monkeypatch: pytest.MonkeyPatch)
     cfg = load_config(path)
     assert cfg.run.method == "prelort"
     assert cfg.run.clients_per_round <= cfg.clients.num_clients
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_real_smollm2_two_federated_rounds_on_bbc_slice() -> None:
+    """SmolLM2-135M from its PyPI package (cached as safetensors), 2 rounds of prelort."""
+    from prelort.workloads import build_workload
+
+    cfg = config_from_dict(
+        {
+            "run": {"method": "prelort", "rounds": 2, "clients_per_round": 2, "eval_every": 2},
+            "clients": {"num_clients": 3, "levels": [2, 4, 8]},
+            "train": {"steps": 1, "batch_size": 2, "nested_mode": "sample"},
+            "workload": {"kind": "llm"},
+            "llm": {
+                "model": "smollm2-135m",
+                "source": "bbc-news",
+                "max_chars": 200,
+                "max_examples": 40,
+                "test_examples": 6,
+                "max_length": 96,
+                "partition": "iid",
+            },
+        }
+    )
+    wl = build_workload(cfg)
+    res = run_simulation(cfg, wl)
+    for lv in ("2", "4", "8"):
+        m = res["final"]["per_rank"][lv]
+        assert {"loss", "perplexity", "accuracy"} <= set(m)
+        assert all(math.isfinite(v) for v in m.values())
+    assert res["rounds"][-1]["bytes_up"] > 0

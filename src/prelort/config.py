@@ -31,6 +31,8 @@ class RunSection:
     rounds: int = 20
     clients_per_round: int = 4
     eval_every: int = 5
+    eval_levels: list[int] = field(default_factory=list)
+    """Rank levels evaluated (empty: every level)."""
     min_clients: int = 1
     """Fewer valid updates than this in a round: the round is skipped (global kept)."""
     client_timeout: float = 0.0
@@ -187,6 +189,9 @@ class Config:
             )
         if not cl.levels or any(lv <= 0 for lv in cl.levels) or sorted(set(cl.levels)) != cl.levels:
             raise ConfigError(f"clients.levels = {cl.levels} must be positive, strictly increasing ranks")
+        bad_eval = [lv for lv in run.eval_levels if lv not in cl.levels]
+        if bad_eval:
+            raise ConfigError(f"run.eval_levels: {bad_eval} not in clients.levels {cl.levels}")
         if cl.ranks is not None:
             if len(cl.ranks) != cl.num_clients:
                 raise ConfigError(

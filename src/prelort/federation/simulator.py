@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -44,11 +45,25 @@ StateCallback = Callable[[ServerState, list[dict[str, Any]]], None]
 ClientFn = Callable[..., ClientResult]
 
 
+_BASE_METRICS: weakref.WeakKeyDictionary[Any, dict[str, float]] = weakref.WeakKeyDictionary()
+
+
 def evaluate_per_rank(
     nested: NestedLoRA, rule: AggregationRule, state: ServerState, levels: list[int], workload: Workload
 ) -> dict[str, dict[str, float]]:
-    """Metrics of the global adapter truncated at every level (the rule's rank-l downlink)."""
+    """Metrics of the global adapter truncated at every level (the rule's rank-l downlink).
+
+    While B = 0 everywhere (round 0, every method) the model is the base model at every
+    level, so it is evaluated once per workload and the result reused.
+    """
     out: dict[str, dict[str, float]] = {}
+    if state.base_delta is None and all(not bool(p.B.any()) for p in state.adapter.values()):
+        base = _BASE_METRICS.get(workload)
+        if base is None:
+            nested.set_adapter(state.adapter)
+            with torch.no_grad():
+                base = _BASE_METRICS[workload] = workload.evaluate(nested.model)
+        return {str(lv): dict(base) for lv in levels}
     for lv in levels:
         nested.set_adapter(rule.downlink(state.adapter, lv))
         nested.set_rank(lv)
@@ -151,7 +166,7 @@ def run_simulation(
     method = get_method(cfg.run.method)
     nested = build_nested(cfg, workload)
     rule = make_rule(cfg, method)
-    levels = cfg.clients.levels
+    levels = cfg.run.eval_levels or cfg.clients.levels
     capacities = effective_ranks(method, assign_ranks(cfg), levels)
     start = time.perf_counter()
     if resume is None:
@@ -195,6 +210,7 @@ def run_simulation(
         "effective_ranks": capacities,
         "final_ranks": list(state.client_ranks),
         "levels": levels,
+        "client_levels": cfg.clients.levels,
         "rounds": rounds,
         "final": {"per_rank": rounds[-1]["per_rank"]},
         "total_seconds": time.perf_counter() - start,
