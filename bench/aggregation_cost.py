@@ -83,7 +83,7 @@ def main() -> None:
                 rows.append({"rule": rule, "clients": len(use), "R": R, "seconds": sec})
                 print(f"R={R:3d} K={len(use):5d} {rule:9s} {sec * 1e3:9.1f} ms", flush=True)
     out = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "modules": len(SHAPES),
         "rows": rows,
     }
