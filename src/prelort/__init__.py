@@ -3,18 +3,30 @@
 The first r rank dimensions of the global adapter are a good rank-r adapter for every r:
 segment-wise aggregation averages each rank segment over the clients that own it, and
 prefix-nested local training concentrates signal in the low-rank prefix.
+
+The names below are imported lazily, so ``import prelort.<submodule>`` does not pull in
+PEFT and transformers (Flower starts a fresh process per message).
 """
 
-from prelort.adapters import Adapter, LoRAPair, NestedLoRA, Scaling
-from prelort.aggregation import AggregationResult, ClientUpdate, aggregate
+from __future__ import annotations
 
-__all__ = [
-    "Adapter",
-    "AggregationResult",
-    "ClientUpdate",
-    "LoRAPair",
-    "NestedLoRA",
-    "Scaling",
-    "aggregate",
-]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "Adapter": "prelort.adapters",
+    "LoRAPair": "prelort.adapters",
+    "NestedLoRA": "prelort.adapters",
+    "Scaling": "prelort.adapters",
+    "AggregationResult": "prelort.aggregation",
+    "ClientUpdate": "prelort.aggregation",
+    "aggregate": "prelort.aggregation",
+}
+__all__ = sorted(_LAZY)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'prelort' has no attribute {name!r}")

@@ -167,7 +167,7 @@ def run_simulation(
     nested = build_nested(cfg, workload)
     rule = make_rule(cfg, method)
     levels = cfg.run.eval_levels or cfg.clients.levels
-    capacities = effective_ranks(method, assign_ranks(cfg), levels)
+    capacities = effective_ranks(method, assign_ranks(cfg), cfg.clients.levels)
     start = time.perf_counter()
     if resume is None:
         state = initial_state(cfg, nested.shapes())

@@ -1,0 +1,533 @@
+"""A loopback Flower deployment in one call: one SuperLink, N SuperNodes, ``flwr run``, cleanup.
+
+    python -m prelort.flower.local --nodes 3 --ranks 2,4,8 \\
+        --config configs/synthetic.toml --set run.rounds=5 --out runs/flower [--tls | --auth]
+
+starts real processes on 127.0.0.1 (free ports):
+
+- ``flower-superlink --host 127.0.0.1 --port P --disable-runtime-dependency-installation``
+  (``--insecure``, or TLS with a test CA from ``certs``; ``--enable-supernode-auth``);
+- with ``--auth``: ``flwr supernode register node-<i>.pub`` for every node key;
+- ``flower-supernode --superlink 127.0.0.1:P --port Q_i --node-config "partition-id=i rank=r_i"``
+  per client (plus ``--root-certificates`` / ``--auth-supernode-private-key``);
+- ``flwr run <prelort/flower/app> prelort-local --run-config <file> --stream``, where the run
+  config names the fully resolved PreLort config written to ``OUT/flower/prelort.toml``;
+
+then waits for the run, prints the per-rank table from ``OUT/results.json`` and stops every
+process it started, their SuperExec and app processes included. Logs stay in
+``OUT/flower/logs``. Every process gets its own ``FLWR_HOME`` under ``OUT/flower/home``, so
+``~/.flwr`` is not touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prelort.config import Config, config_to_dict, dump_toml, load_config
+from prelort.errors import UserError
+from prelort.flower import APP_DIR
+
+CONNECTION = "prelort-local"
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _tool(name: str) -> str:
+    """A Flower executable next to this Python (the venv's bin), else from PATH."""
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if found is None:
+        raise UserError(f"{name} not found; install the extra: pip install 'prelort[flower]'")
+    return found
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process (POSIX ``ps``)."""
+    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,args="], capture_output=True, text=True, check=False)
+    table: dict[int, tuple[int, str]] = {}
+    for line in out.stdout.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
+            table[int(parts[0])] = (int(parts[1]), parts[2] if len(parts) > 2 else "")
+    return table
+
+
+def descendants(pid: int) -> list[int]:
+    """Every descendant pid of ``pid`` (children first level first)."""
+    table = _process_table()
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in table.items():
+        children.setdefault(parent, []).append(child)
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def processes_under(workdir: Path) -> list[int]:
+    """Live processes whose ``FLWR_HOME`` lies under ``workdir`` (Linux ``/proc``; else []).
+
+    Every process a ``LocalFederation`` starts gets such an ``FLWR_HOME`` and passes it on to
+    what it spawns, so this finds them even after their parent died (e.g. the SuperExec of a
+    SuperNode the SuperLink refused).
+    """
+    marker = f"FLWR_HOME={Path(workdir).absolute()}{os.sep}".encode()
+    found: list[int] = []
+    proc = Path("/proc")
+    if not proc.is_dir():  # pragma: no cover - not Linux
+        return found
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if any(var.startswith(marker) for var in environ.split(b"\0")) and _alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - not ours
+        return False
+    state = Path(f"/proc/{pid}/stat")
+    if state.is_file():  # a zombie has exited; its parent reaps it
+        try:
+            return state.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+    return True
+
+
+@dataclass
+class Started:
+    """A process this federation started, with its log file."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+@dataclass
+class LocalFederation:
+    """One SuperLink and N SuperNodes on 127.0.0.1; use as a context manager.
+
+    Parameters
+    ----------
+    workdir : Path
+        Logs, FLWR_HOMEs, certificates and the run config go here.
+    ranks : Sequence[int]
+        Rank capacity of SuperNode i (its ``partition-id`` is i).
+    tls : bool
+        Serve the SuperLink over TLS with a fresh test CA (``certs.make_test_pki``).
+    auth : bool
+        Enable SuperNode authentication and register one key per node (implies ``tls``).
+    """
+
+    workdir: Path
+    ranks: Sequence[int]
+    tls: bool = False
+    auth: bool = False
+    port: int = 0
+    """The SuperLink's port (all its APIs), chosen at ``start``."""
+    ca_cert: Path | None = None
+    """The test CA SuperNodes and the CLI trust (TLS only)."""
+    processes: list[Started] = field(default_factory=list)
+    node_keys: list[Path] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir).absolute()
+        self.tls = self.tls or self.auth
+        self.logs = self.workdir / "logs"
+        self.pki_dir = self.workdir / "pki"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def __enter__(self) -> LocalFederation:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _env(self, home: str, threads: int | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        if threads is not None:  # N SuperNodes share this machine: no oversubscribed torch threads
+            env.setdefault("OMP_NUM_THREADS", str(threads))
+            env.setdefault("MKL_NUM_THREADS", str(threads))
+        env["FLWR_HOME"] = str(self.workdir / "home" / home)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        # SuperExec asks for new tasks every second by default; loopback can afford less.
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+        env.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage reports from test federations
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
+        return env
+
+    def _spawn(self, name: str, cmd: list[str], home: str, threads: int | None = None) -> Started:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = self.logs / f"{name}.log"
+        with open(log, "wb") as f:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=self._env(home, threads),
+                cwd=self.workdir,
+                start_new_session=True,
+            )
+        started = Started(name, proc, log)
+        self.processes.append(started)
+        return started
+
+    def start(self) -> None:
+        """SuperLink, node registration (auth), SuperNodes, and the CLI connection."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.tls:
+            from prelort.flower.certs import make_test_pki
+
+            pki = make_test_pki(self.pki_dir, nodes=len(self.ranks) if self.auth else 0)
+            self.ca_cert = pki.ca_cert
+            self.node_keys = list(pki.node_keys)
+        self.port = free_ports(1)[0]
+        cmd = [
+            _tool("flower-superlink"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",
+        ]
+        if self.tls:
+            cmd += [
+                "--ssl-certfile",
+                str(self.pki_dir / "server.crt"),
+                "--ssl-keyfile",
+                str(self.pki_dir / "server.key"),
+                "--ssl-ca-certfile",
+                str(self.ca_cert),
+            ]
+        else:
+            cmd += ["--insecure"]
+        if self.auth:
+            cmd += ["--enable-supernode-auth"]
+        link = self._spawn("superlink", cmd, "superlink")
+        self._write_cli_config()
+        self._wait_for_port(link, self.port, timeout=60)
+        for key in self.node_keys:
+            self.register(key.with_name(key.name + ".pub"))
+        for i, rank in enumerate(self.ranks):
+            self.start_supernode(i, rank, self.node_keys[i] if self.auth else None)
+
+    def start_supernode(
+        self, partition_id: int, rank: int | None, key: Path | None, name: str = ""
+    ) -> Started:
+        """One SuperNode for client ``partition_id`` (``key``: its auth private key)."""
+        port = free_ports(1)[0]
+        node_config = f"partition-id={partition_id}" + (f" rank={rank}" if rank is not None else "")
+        cmd = [
+            _tool("flower-supernode"),
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--port",
+            str(port),
+            "--node-config",
+            node_config,
+        ]
+        cmd += ["--root-certificates", str(self.ca_cert)] if self.ca_cert is not None else ["--insecure"]
+        if key is not None:
+            cmd += ["--auth-supernode-private-key", str(key)]
+        name = name or f"supernode-{partition_id}"
+        threads = max(1, (os.cpu_count() or 1) // max(1, len(self.ranks)))
+        return self._spawn(name, cmd, name, threads)
+
+    def _write_cli_config(self) -> None:
+        home = self.workdir / "home" / "cli"
+        home.mkdir(parents=True, exist_ok=True)
+        lines = [
+            "[superlink]",
+            f'default = "{CONNECTION}"',
+            "",
+            f"[superlink.{CONNECTION}]",
+            f'address = "127.0.0.1:{self.port}"',
+        ]
+        lines.append(
+            f'root-certificates = "{self.ca_cert}"' if self.ca_cert is not None else "insecure = true"
+        )
+        (home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def _wait_for_port(self, started: Started, port: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if started.proc.poll() is not None:
+                raise RuntimeError(f"{started.name} exited early; see {started.log}")
+            with socket.socket() as s:
+                s.settimeout(0.5)
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"{started.name} did not open port {port} within {timeout:g} s; see {started.log}")
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run the ``flwr`` CLI against this federation's connection."""
+        return subprocess.run(
+            [_tool("flwr"), *args],
+            capture_output=True,
+            text=True,
+            env=self._env("cli"),
+            cwd=self.workdir,
+            timeout=timeout,
+            check=False,
+        )
+
+    def register(self, public_key: Path) -> None:
+        """``flwr supernode register KEY.pub prelort-local`` (SuperNode authentication)."""
+        deadline = time.monotonic() + 60
+        while True:
+            res = self.flwr("supernode", "register", str(public_key), CONNECTION)
+            if res.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"flwr supernode register {public_key} failed: {res.stdout}{res.stderr}")
+            time.sleep(0.5)
+
+    def supernodes(self) -> list[dict[str, Any]]:
+        """``flwr supernode ls --format json``: the SuperLink's view of the nodes."""
+        res = self.flwr("supernode", "ls", CONNECTION, "--format", "json")
+        if res.returncode != 0:
+            raise RuntimeError(f"flwr supernode ls failed: {res.stdout}{res.stderr}")
+        data = json.loads(res.stdout)
+        nodes: list[dict[str, Any]] = data.get("nodes", []) if isinstance(data, dict) else data
+        return nodes
+
+    def run(self, run_config: dict[str, str | int | float], *, timeout: float = 3600) -> int:
+        """``flwr run`` the PreLort app with ``run_config``; wait for it; return the run id.
+
+        RuntimeError (pointing at the logs) if the run does not finish successfully.
+        """
+        conf_file = self.workdir / "run-config.toml"
+        conf_file.write_text(
+            "\n".join(f"{k} = {json.dumps(v)}" for k, v in run_config.items()) + "\n", encoding="utf-8"
+        )
+        log = self.logs / "flwr-run.log"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        cmd = [_tool("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", str(conf_file), "--stream"]
+        with open(log, "w", encoding="utf-8") as f:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=self._env("cli"),
+                cwd=self.workdir,
+                start_new_session=True,
+            )
+            self.processes.append(Started("flwr-run", proc, log))
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                run_id = _run_id(log)
+                if run_id is not None:
+                    self.flwr("stop", str(run_id), CONNECTION)
+                raise RuntimeError(f"the Flower run did not finish within {timeout:g} s; see {log}") from None
+        run_id = _run_id(log)
+        if proc.returncode != 0 or run_id is None:
+            raise RuntimeError(f"flwr run failed (exit {proc.returncode}); see {log}")
+        status = self.run_status(run_id)
+        if not status.startswith("finished:completed"):
+            raise RuntimeError(f"run {run_id} ended with status {status}; logs in {self.logs}")
+        return run_id
+
+    def run_status(self, run_id: int) -> str:
+        """The run's status as ``flwr ls`` reports it: ``finished:completed`` or, e.g.,
+        ``finished:failed (ServerApp failed with exception: <the error>)``."""
+        res = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
+        try:
+            runs = json.loads(res.stdout).get("runs", [])
+        except (json.JSONDecodeError, AttributeError):
+            return f"unknown ({res.stdout.strip()} {res.stderr.strip()})"
+        if not runs:
+            return "unknown"
+        status = str(runs[0].get("status", "unknown"))
+        details = str(runs[0].get("status-details", "N/A"))
+        return status if details in ("", "N/A") else f"{status} ({details})"
+
+    def close(self, grace: float = 10.0) -> None:
+        """Stop every process started here and everything they spawned (SuperExec, apps)."""
+        tree: list[int] = processes_under(self.workdir)
+        for s in self.processes:
+            if s.proc.poll() is None:
+                tree += descendants(s.proc.pid)
+        for s in reversed(self.processes):  # SuperNodes and the CLI first, SuperLink last
+            if s.proc.poll() is None:
+                s.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for s in self.processes:
+            try:
+                s.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                s.proc.kill()
+                s.proc.wait(timeout=5)
+        # Children that outlived their parent (the SuperLink's SuperExec runs in its own session,
+        # a refused SuperNode's SuperExec is orphaned), found by pid or by their FLWR_HOME.
+        started = {s.proc.pid for s in self.processes}
+        leftovers = [pid for pid in {*tree, *processes_under(self.workdir)} - started if _alive(pid)]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in leftovers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            end = time.monotonic() + 5
+            while (leftovers := [p for p in leftovers if _alive(p)]) and time.monotonic() < end:
+                time.sleep(0.1)
+            if not leftovers:
+                break
+        self.processes.clear()
+
+
+def _run_id(log: Path) -> int | None:
+    match = re.search(r"started run (\d+)", log.read_text(encoding="utf-8", errors="replace"))
+    return int(match.group(1)) if match else None
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)
+
+
+# -- the command line -----------------------------------------------------------------------------
+def resolve_config(
+    config: str | None,
+    overrides: Sequence[str],
+    nodes: int,
+    ranks: Sequence[int] | None,
+    notes: list[str] | None = None,
+) -> Config:
+    """The run's validated Config for ``nodes`` SuperNodes, one client each.
+
+    Sets ``clients.num_clients = nodes`` and, if given, ``clients.ranks = ranks``; a config
+    that samples more clients per round than there are nodes samples all of them (a line
+    saying so is appended to ``notes``). ConfigError/UserError with one line otherwise.
+    """
+    if ranks is not None and len(ranks) != nodes:
+        raise UserError(f"--ranks has {len(ranks)} entries for --nodes {nodes}; give one rank per node")
+    requested = load_config(config, overrides)
+    extra = [f"clients.num_clients={nodes}"]
+    if ranks is not None:
+        extra.append(f"clients.ranks=[{', '.join(map(str, ranks))}]")
+    if requested.run.clients_per_round > nodes:
+        extra.append(f"run.clients_per_round={nodes}")
+        if notes is not None:
+            notes.append(
+                f"note: run.clients_per_round = {requested.run.clients_per_round} > {nodes} nodes; "
+                f"sampling all {nodes} every round"
+            )
+    return load_config(config, [*overrides, *extra])
+
+
+def run_local(
+    cfg: Config, out: str | Path, *, tls: bool = False, auth: bool = False, timeout: float = 3600
+) -> dict[str, Any]:
+    """Run ``cfg`` on a loopback federation (one node per client); return ``results.json``."""
+    from prelort.federation.core import assign_ranks
+
+    out = Path(out).absolute()
+    work = out / "flower"
+    work.mkdir(parents=True, exist_ok=True)
+    conf = work / "prelort.toml"
+    conf.write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")
+    with LocalFederation(work, assign_ranks(cfg), tls=tls, auth=auth) as fed:
+        fed.run({"config": str(conf), "out": str(out)}, timeout=timeout)
+    results: dict[str, Any] = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m prelort.flower.local",
+        description="Run a PreLort config on a loopback Flower deployment (SuperLink + N SuperNodes).",
+    )
+    p.add_argument("--nodes", type=int, required=True, help="number of SuperNodes (= clients.num_clients)")
+    p.add_argument("--ranks", default="", help="rank per node, e.g. 2,4,8 (default: from the config)")
+    p.add_argument("--config", default=None, help="PreLort TOML config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--out", required=True, help="results folder (results.json, logs in OUT/flower/logs)")
+    p.add_argument("--tls", action="store_true", help="TLS between SuperNodes and SuperLink (test CA)")
+    p.add_argument("--auth", action="store_true", help="SuperNode authentication (implies --tls)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds for the whole run")
+    args = p.parse_args(argv)
+    # `kill` must stop the federation too: SystemExit unwinds through LocalFederation.close
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
+    try:
+        if args.nodes <= 0:
+            raise UserError("--nodes must be a positive integer")
+        try:
+            ranks = [int(r) for r in args.ranks.split(",") if r.strip()] if args.ranks else None
+        except ValueError:
+            raise UserError(f"--ranks {args.ranks!r}: expected comma-separated integers like 2,4,8") from None
+        notes: list[str] = []
+        cfg = resolve_config(args.config, args.set, args.nodes, ranks, notes)
+        for note in notes:
+            print(note, file=sys.stderr)
+        results = run_local(cfg, args.out, tls=args.tls, auth=args.auth, timeout=args.timeout)
+    except UserError as exc:
+        print(f"prelort.flower.local: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        print(f"prelort.flower.local: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    from rich.console import Console
+
+    from prelort.reporting import per_rank_table
+
+    console = Console()
+    console.print(per_rank_table(results))
+    console.print(
+        f"wrote {Path(args.out) / 'results.json'} (Flower logs: {Path(args.out) / 'flower' / 'logs'})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

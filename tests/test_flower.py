@@ -1,0 +1,430 @@
+"""The Flower app: records, settings, the apps over an in-memory grid, and real deployments.
+
+Fast tests drive ``server_app.run_federation`` and ``client_app.app`` through an in-memory
+``Grid`` (no processes) and check that every method gives the simulator's global adapter.
+Tests marked ``integration`` start real ``flower-superlink`` / ``flower-supernode`` /
+``flwr run`` processes on 127.0.0.1 (free ports) and stop all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from prelort.adapters.state import Adapter, LoRAPair
+from prelort.config import Config
+from prelort.errors import ConfigError, UserError
+from prelort.federation import METHODS, run_simulation
+from prelort.federation.artifacts import load_global
+from prelort.federation.core import ServerState, assign_ranks
+from prelort.flower import client_app, local
+from prelort.flower.certs import make_node_key, make_test_pki
+from prelort.flower.records import adapter_to_record, record_to_adapter
+from prelort.flower.server_app import run_federation
+from prelort.flower.settings import (
+    NodeInfo,
+    RunSettings,
+    node_info_from_config,
+    settings_from_run_config,
+    split_overrides,
+    with_node_ranks,
+)
+from prelort.workloads import build_workload
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNTHETIC = ROOT / "configs" / "synthetic.toml"
+# The acceptance federation: 3 clients of ranks 2, 4, 8, all sampled, 2 rounds, tiny model.
+SMALL_SET = [
+    "run.rounds=2",
+    "run.clients_per_round=3",
+    "run.eval_every=1",
+    "clients.levels=[2, 4, 8]",
+    "synthetic.hidden=12",
+    "synthetic.test_examples=60",
+    "train.steps=2",
+]
+
+
+def _small(method: str = "prelort", rounds: int = 2) -> Config:
+    return local.resolve_config(
+        str(SYNTHETIC), [*SMALL_SET, f"run.method='{method}'", f"run.rounds={rounds}"], 3, [2, 4, 8]
+    )
+
+
+def _reference(cfg: Config) -> tuple[dict[str, Any], ServerState]:
+    """``run_simulation`` on ``cfg``: its results and final server state."""
+    states: list[ServerState] = []
+    res = run_simulation(cfg, build_workload(cfg), on_state=lambda s, _r: states.append(s))
+    return res, states[-1]
+
+
+def _assert_same_adapter(a: Adapter, b: Adapter, atol: float = 1e-6) -> None:
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(a[name].A, b[name].A, atol=atol, rtol=0)
+        torch.testing.assert_close(a[name].B, b[name].B, atol=atol, rtol=0)
+
+
+def _assert_same_metrics(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> None:
+    assert set(a) == set(b)
+    for level in a:
+        assert a[level] == pytest.approx(b[level], rel=1e-5), level
+
+
+# -- records and settings ---------------------------------------------------------------------
+def test_adapter_record_round_trip_is_exact_fp32() -> None:
+    gen = torch.Generator().manual_seed(0)
+    adapter = {
+        "model.layers.0.q_proj": LoRAPair(torch.randn(4, 6, generator=gen), torch.randn(5, 4, generator=gen)),
+        "fc2": LoRAPair(
+            torch.randn(2, 3, generator=gen).bfloat16(), torch.randn(3, 2, generator=gen).bfloat16()
+        ),
+    }
+    record = adapter_to_record(adapter)
+    assert sorted(record) == ["fc2.A", "fc2.B", "model.layers.0.q_proj.A", "model.layers.0.q_proj.B"]
+    assert {arr.dtype for arr in record.values()} == {"float32"}  # ArrayRecord refuses bf16
+    back = record_to_adapter(record)
+    assert torch.equal(back["model.layers.0.q_proj"].A, adapter["model.layers.0.q_proj"].A)
+    assert torch.equal(back["fc2"].B, adapter["fc2"].B.float())
+    del record["fc2.B"]
+    with pytest.raises(ValueError, match="misses array"):
+        record_to_adapter(record)
+
+
+def test_run_config_maps_onto_the_validated_config() -> None:
+    assert split_overrides("run.rounds=2; run.method='seg;ment'\nclients.levels=[2; 4]") == (
+        "run.rounds=2",
+        "run.method='seg;ment'",
+        "clients.levels=[2; 4]",
+    )
+    s = settings_from_run_config({"config": str(SYNTHETIC), "set": "run.rounds=3;run.method='segment'"})
+    cfg = s.load()
+    assert (cfg.run.rounds, cfg.run.method, cfg.clients.num_clients) == (3, "segment", 8)
+    with pytest.raises(ConfigError, match=r"unknown key 'run\.bogus'"):
+        settings_from_run_config({"set": "run.bogus=1"}).load()
+    with pytest.raises(ConfigError, match="unknown key"):
+        settings_from_run_config({"rounds": 3})
+    with pytest.raises(ConfigError, match="node-timeout must be a positive number"):
+        settings_from_run_config({"node-timeout": "soon"})
+    with pytest.raises(ConfigError, match="pass an absolute path"):
+        RunSettings("no/such.toml", (), "").load()
+
+
+def test_node_config_and_node_ranks() -> None:
+    assert node_info_from_config({"partition-id": 2, "rank": 8}) == NodeInfo(2, 8)
+    assert node_info_from_config({"partition-id": 0}) == NodeInfo(0, None)
+    with pytest.raises(ConfigError, match="partition-id must be a non-negative integer"):
+        node_info_from_config({"rank": 8})
+    cfg = _small()
+    swapped = with_node_ranks(cfg, {0: NodeInfo(0, 8), 1: NodeInfo(1, None), 2: NodeInfo(2, 2)})
+    assert swapped.clients.ranks == [8, 4, 2]  # a node's own rank wins, else the config's
+    with pytest.raises(ConfigError, match=r"needs exactly 0\.\.2"):
+        with_node_ranks(cfg, {0: NodeInfo(0, 2), 1: NodeInfo(1, 4), 5: NodeInfo(5, 8)})
+    with pytest.raises(ConfigError, match=r"not in clients\.levels"):
+        with_node_ranks(cfg, {0: NodeInfo(0, 3), 1: NodeInfo(1, 4), 2: NodeInfo(2, 8)})
+
+
+def test_local_cli_rejects_bad_input_before_starting_anything(capsys: pytest.CaptureFixture[str]) -> None:
+    assert local.main(["--nodes", "3", "--ranks", "2,4", "--config", str(SYNTHETIC), "--out", "x"]) == 2
+    assert "--ranks has 2 entries for --nodes 3" in capsys.readouterr().err
+    assert local.main(["--nodes", "3", "--config", str(SYNTHETIC), "--set", "run.bogus=1", "--out", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown key 'run.bogus'" in err
+    notes: list[str] = []
+    cfg = local.resolve_config(str(SYNTHETIC), [], 3, None, notes)  # the file samples 4 of 8 per round
+    assert (cfg.clients.num_clients, cfg.run.clients_per_round, cfg.clients.ranks) == (3, 3, None)
+    assert assign_ranks(cfg) == [2, 4, 8] and "sampling all 3" in notes[0]
+    with pytest.raises(UserError, match="not in clients"):
+        local.resolve_config(str(SYNTHETIC), [], 2, [2, 3])
+
+
+def test_test_pki_certificate_and_node_keys(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pki = make_test_pki(tmp_path, hosts=["10.1.2.3", "link.example"], nodes=2)
+    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(pki.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"10.1.2.3", "127.0.0.1"}
+    assert set(san.get_values_for_type(x509.DNSName)) == {"link.example", "localhost"}
+    for key, pub in zip(pki.node_keys, pki.node_public_keys, strict=True):
+        private = serialization.load_ssh_private_key(key.read_bytes(), password=None)
+        public = serialization.load_ssh_public_key(pub.read_bytes())
+        assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp384r1"
+        assert private.public_key().public_numbers() == public.public_numbers()  # type: ignore[union-attr]
+        assert pub.read_text().startswith("ecdsa-sha2-nistp384 ")
+        assert key.stat().st_mode & 0o077 == 0
+
+
+# -- the apps over an in-memory grid ------------------------------------------------------------
+class InMemoryGrid(Grid):
+    """Delivers each message to ``client_app.app`` at once; node i holds partition i."""
+
+    def __init__(self, node_configs: dict[int, dict[str, Any]], fail: set[int] = frozenset()) -> None:
+        self.node_configs = node_configs
+        self.fail = fail
+        self.replies: dict[str, Message] = {}
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_configs)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            node = msg.metadata.dst_node_id
+            ctx = Context(
+                run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(), run_config={}
+            )
+            if node in self.fail and msg.metadata.message_type == "train":
+                continue  # this node never answers
+            self.sent.append(msg)
+            self.replies[msg.metadata.message_id] = client_app.app(msg, ctx)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # pragma: no cover - unused
+        raise NotImplementedError
+
+    @property
+    def run(self) -> Any:  # pragma: no cover - unused
+        raise NotImplementedError
+
+    def set_run(self, run: Any) -> None:  # pragma: no cover - unused
+        raise NotImplementedError
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """Messages read the run and node of the current task; a ServerApp process sets them."""
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+def _nodes(ranks: list[int]) -> dict[int, dict[str, Any]]:
+    # node ids unlike partition ids, listed out of order: the mapping must come from QUERY
+    return {1000 + 7 * (len(ranks) - i): {"partition-id": i, "rank": r} for i, r in enumerate(ranks)}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_flower_apps_give_the_simulators_global_adapter(
+    method: str, tmp_path: Path, task_identity: None
+) -> None:
+    cfg = _small(method, rounds=3)
+    client_app._WORKERS.clear()
+    grid = InMemoryGrid(_nodes([2, 4, 8]))
+    res = run_federation(
+        grid, cfg, RunSettings("", (), str(tmp_path), poll_interval=0.01), tmp_path, run_id=7
+    )
+    ref, ref_state = _reference(cfg)
+    adapter, delta = load_global(tmp_path)
+    _assert_same_adapter(adapter, ref_state.adapter)
+    if method == "flora":  # every client merged the accumulated base delta before training
+        assert delta is not None and ref_state.base_delta is not None
+        for name in delta:
+            torch.testing.assert_close(delta[name], ref_state.base_delta[name], atol=1e-6, rtol=0)
+        assert sum(1 for m in grid.sent if "base-delta" in m.content.array_records) == 6  # rounds 2 and 3
+    _assert_same_metrics(res["final"]["per_rank"], ref["final"]["per_rank"])
+    for mine, theirs in zip(res["rounds"], ref["rounds"], strict=True):
+        for key in ("round", "bytes_up", "bytes_down", "clients", "aggregated", "skipped"):
+            assert mine.get(key) == theirs.get(key), key
+    assert res["final_ranks"] == ref["final_ranks"] and res["ranks"] == [2, 4, 8]
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["engine"]["name"] == "flower" and (tmp_path / "config.toml").is_file()
+    # each downlink is the client's own prefix: rank-r factors only
+    for msg in grid.sent:
+        if msg.metadata.message_type == "train":
+            k = msg.content.config_records["config"]["client-id"]
+            rank = res["effective_ranks"][k] if method != "hetlora" else None
+            got = record_to_adapter(msg.content.array_records["adapter"])
+            assert rank is None or all(p.rank == rank for p in got.values())
+
+
+def test_a_silent_node_is_dropped_like_in_the_simulator(tmp_path: Path, task_identity: None) -> None:
+    cfg = _small("segment", rounds=2)
+    client_app._WORKERS.clear()
+    nodes = _nodes([2, 4, 8])
+    silent = next(n for n, c in nodes.items() if c["partition-id"] == 1)
+    grid = InMemoryGrid(nodes, fail={silent})
+    res = run_federation(grid, cfg, RunSettings("", (), str(tmp_path), round_timeout=0.05), tmp_path)
+    rec = res["rounds"][1]
+    assert rec["aggregated"] == [0, 2] and rec["dropped"][0]["client"] == 1
+    assert "timed out" in rec["dropped"][0]["reason"]
+
+
+class CrashingGrid(InMemoryGrid):
+    """Fails when asked to send round ``crash_at``'s training (a SuperLink going down)."""
+
+    def __init__(self, node_configs: dict[int, dict[str, Any]], crash_at: int) -> None:
+        super().__init__(node_configs)
+        self.crash_at = crash_at
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        rounds = {
+            m.content.config_records["config"]["server-round"] for m in messages if "config" in m.content
+        }
+        if self.crash_at in rounds:
+            raise ConnectionError("SuperLink unavailable")
+        return super().push_messages(messages)
+
+
+def test_a_restarted_run_resumes_from_its_checkpoint(tmp_path: Path, task_identity: None) -> None:
+    cfg = _small("prelort", rounds=3)
+    client_app._WORKERS.clear()
+    full = run_federation(InMemoryGrid(_nodes([2, 4, 8])), cfg, RunSettings("", (), ""), tmp_path / "full")
+    with pytest.raises(ConnectionError):
+        run_federation(
+            CrashingGrid(_nodes([2, 4, 8]), crash_at=3), cfg, RunSettings("", (), ""), tmp_path / "b"
+        )
+    grid = InMemoryGrid(_nodes([2, 4, 8]))
+    resumed = run_federation(grid, cfg, RunSettings("", (), ""), tmp_path / "b")
+    assert [
+        m.content.config_records["config"]["server-round"] for m in grid.sent if "adapter" in m.content
+    ] == [3] * 3
+    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3]
+    _assert_same_adapter(load_global(tmp_path / "b")[0], load_global(tmp_path / "full")[0], atol=0)
+    assert resumed["final"] == full["final"]
+
+
+def test_client_evaluate_handler_and_worker_cache(task_identity: None) -> None:
+    from prelort.federation.simulator import build_nested
+    from prelort.flower.strategy import PrefixStrategy
+
+    cfg = _small()
+    client_app._WORKERS.clear()
+    wl = build_workload(cfg)
+    nested = build_nested(cfg, wl)
+    strategy = PrefixStrategy(cfg, {0: 11, 1: 12, 2: 13}, nested.shapes())
+    train_msg = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), InMemoryGrid({})))[2]
+    msg = Message(content=train_msg.content, dst_node_id=13, message_type=MessageType.EVALUATE)
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    ctx = Context(
+        run_id=1, node_id=13, node_config={"partition-id": 2, "rank": 8}, state=RecordDict(), run_config={}
+    )
+    metrics = client_app.app(msg, ctx).content.metric_records["metrics"]
+    nested.set_adapter(strategy.rule.downlink(strategy.state.adapter, 8))
+    nested.set_rank(8)
+    assert metrics["loss"] == pytest.approx(wl.evaluate(nested.model)["loss"])
+    assert metrics["rank"] == 8 and len(client_app._WORKERS) == 1
+    client_app.app(msg, ctx)
+    assert len(client_app._WORKERS) == 1  # built once, reused by the next message
+    wrong = Context(run_id=1, node_id=13, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    with pytest.raises(ValueError, match="node of partition 0"):
+        client_app.app(msg, wrong)
+
+
+# -- real processes: SuperLink + SuperNodes + flwr run on loopback ------------------------------
+def _all_dead(pids: list[int], timeout: float = 15.0) -> list[int]:
+    end = time.monotonic() + timeout
+    while (alive := [p for p in pids if local._alive(p)]) and time.monotonic() < end:
+        time.sleep(0.2)
+    return alive
+
+
+@pytest.mark.integration
+def test_loopback_deployment_matches_the_simulator(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m prelort.flower.local`: 3 SuperNodes (ranks 2, 4, 8), 2 rounds of prelort."""
+    out = tmp_path / "run"
+    args = [
+        "--nodes",
+        "3",
+        "--ranks",
+        "2,4,8",
+        "--config",
+        str(SYNTHETIC),
+        "--out",
+        str(out),
+        "--timeout",
+        "200",
+    ]
+    for s in SMALL_SET:
+        args += ["--set", s]
+    started: list[int] = []
+    close = local.LocalFederation.close
+
+    def close_and_record(self: local.LocalFederation, grace: float = 10.0) -> None:
+        for s in self.processes:
+            started.extend([s.proc.pid, *local.descendants(s.proc.pid)])
+        close(self, grace)
+
+    monkeypatch.setattr(local.LocalFederation, "close", close_and_record)
+    assert local.main(args) == 0, capsys.readouterr().err
+    assert "rel_loss" in capsys.readouterr().out
+    cfg = _small("prelort", rounds=2)
+    ref, ref_state = _reference(cfg)
+    adapter, _ = load_global(out)
+    _assert_same_adapter(adapter, ref_state.adapter)
+    res = json.loads((out / "results.json").read_text())
+    _assert_same_metrics(res["final"]["per_rank"], ref["final"]["per_rank"])
+    assert res["ranks"] == [2, 4, 8] and len(res["engine"]["nodes"]) == 3
+    assert [r["bytes_down"] for r in res["rounds"]] == [r["bytes_down"] for r in ref["rounds"]]
+    assert len(started) >= 4 and not _all_dead(started), "processes left running"
+    assert not local.processes_under(out / "flower"), "processes left running"
+
+
+@pytest.mark.integration
+def test_tls_and_supernode_auth_refuse_an_unregistered_node(tmp_path: Path) -> None:
+    """TLS + SuperNode authentication: 3 registered nodes train FlexLoRA, a 4th key is refused."""
+    cfg = _small("flexlora", rounds=1)
+    work = tmp_path / "fed"
+    work.mkdir()
+    conf = work / "prelort.toml"
+    from prelort.config import config_to_dict, dump_toml
+
+    conf.write_text(dump_toml(config_to_dict(cfg)))
+    pids: list[int] = []
+    with local.LocalFederation(work, [2, 4, 8], auth=True) as fed:
+        assert fed.ca_cert is not None
+        # the SuperLink speaks TLS with a certificate for 127.0.0.1 from our CA
+        ctx = ssl.create_default_context(cafile=str(fed.ca_cert))
+        with (
+            socket.create_connection(("127.0.0.1", fed.port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            assert tls.version() in {"TLSv1.2", "TLSv1.3"}
+        make_node_key(work / "intruder")  # a valid key pair, never registered
+        intruder = fed.start_supernode(3, 8, work / "intruder", name="intruder")
+        fed.run({"config": str(conf), "out": str(tmp_path / "run")}, timeout=200)  # 3 nodes train
+        assert intruder.proc.wait(timeout=60) != 0  # refused: it exits instead of serving
+        assert "Failed to activate SuperNode" in intruder.log.read_text()
+        link_log = (work / "logs" / "superlink.log").read_text()
+        assert "No SuperNode found with the given public key" in link_log
+        nodes = fed.supernodes()  # only the registered keys are known, all online
+        assert len(nodes) == 3 and {n["status"] for n in nodes} == {"online"}, nodes
+        for s in fed.processes:
+            pids += [s.proc.pid, *local.descendants(s.proc.pid)]
+    assert not _all_dead(pids), "processes left running"
+    assert not local.processes_under(work), "processes left running"
+    _, ref_state = _reference(cfg)
+    _assert_same_adapter(load_global(tmp_path / "run")[0], ref_state.adapter)
