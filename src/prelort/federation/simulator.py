@@ -203,21 +203,28 @@ def run_simulation(
         if bar is not None:
             bar[0].stop()
 
+    return results_dict(cfg, capacities, state, rounds, time.perf_counter() - start)
+
+
+def results_dict(
+    cfg: Config, capacities: list[int], state: ServerState, rounds: list[dict[str, Any]], seconds: float
+) -> dict[str, Any]:
+    """The ``results.json`` content (DESIGN.md §3), shared by the simulator and the Flower app."""
     return {
         "method": cfg.run.method,
         "seed": cfg.run.seed,
         "ranks": assign_ranks(cfg),
-        "effective_ranks": capacities,
+        "effective_ranks": list(capacities),
         "final_ranks": list(state.client_ranks),
-        "levels": levels,
+        "levels": cfg.run.eval_levels or cfg.clients.levels,
         "client_levels": cfg.clients.levels,
         "rounds": rounds,
         "final": {"per_rank": rounds[-1]["per_rank"]},
-        "total_seconds": time.perf_counter() - start,
+        "total_seconds": seconds,
         "total_bytes_up": sum(r["bytes_up"] for r in rounds),
         "total_bytes_down": sum(r["bytes_down"] for r in rounds),
         "config": config_to_dict(cfg),
-        "summary": method.summary,
+        "summary": get_method(cfg.run.method).summary,
     }
 
 

@@ -124,8 +124,7 @@ def run_federation(
     from prelort.config import config_to_dict, dump_toml
     from prelort.federation.artifacts import save_global
     from prelort.federation.checkpoint import load_checkpoint, save_checkpoint
-    from prelort.federation.core import assign_ranks
-    from prelort.federation.simulator import build_nested, evaluate_per_rank
+    from prelort.federation.simulator import build_nested, evaluate_per_rank, results_dict
     from prelort.flower.strategy import PrefixStrategy
     from prelort.reporting.files import atomic_write_text, write_results
     from prelort.workloads import build_workload
@@ -184,25 +183,13 @@ def run_federation(
             f"; per rank {record['per_rank']}" if "per_rank" in record else "",
         )
 
-    results: dict[str, Any] = {
-        "method": cfg.run.method,
-        "seed": cfg.run.seed,
-        "ranks": assign_ranks(cfg),
-        "effective_ranks": list(strategy.capacities),
-        "final_ranks": list(strategy.state.client_ranks),
-        "levels": levels,
-        "rounds": rounds,
-        "final": {"per_rank": rounds[-1]["per_rank"]},
-        "total_seconds": time.perf_counter() - start,
-        "total_bytes_up": sum(r["bytes_up"] for r in rounds),
-        "total_bytes_down": sum(r["bytes_down"] for r in rounds),
-        "config": config_to_dict(cfg),
-        "summary": strategy.method.summary,
-        "engine": {  # Flower ids are 64-bit: kept as strings for JSON readers without int64
-            "name": "flower",
-            "run_id": str(run_id),
-            "nodes": {str(k): str(node) for k, (node, _) in sorted(found.items())},
-        },
+    results = results_dict(
+        cfg, list(strategy.capacities), strategy.state, rounds, time.perf_counter() - start
+    )
+    results["engine"] = {  # Flower ids are 64-bit: kept as strings for JSON readers without int64
+        "name": "flower",
+        "run_id": str(run_id),
+        "nodes": {str(k): str(node) for k, (node, _) in sorted(found.items())},
     }
     write_results(out, results, cfg)
     return results
