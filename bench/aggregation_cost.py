@@ -26,19 +26,21 @@ SHAPES = {f"layers.{i}.q_proj": (576, 576) for i in range(30)} | {
 }
 
 
-def make_round(num_clients: int, R: int, seed: int = 0) -> tuple[dict[str, LoRAPair], list[ClientUpdate]]:
+def make_round(
+    num_clients: int, R: int, seed: int = 0, shapes: dict[str, tuple[int, int]] = SHAPES
+) -> tuple[dict[str, LoRAPair], list[ClientUpdate]]:
     g = torch.Generator().manual_seed(seed)
     levels = [max(R // 8, 1), max(R // 4, 1), max(R // 2, 1), R]
     glob = {
         n: LoRAPair(torch.randn(R, i, generator=g), torch.randn(o, R, generator=g))
-        for n, (o, i) in SHAPES.items()
+        for n, (o, i) in shapes.items()
     }
     ups = []
     for k in range(num_clients):
         r = levels[k % len(levels)]
         ad = {
             n: LoRAPair(torch.randn(r, i, generator=g), torch.randn(o, r, generator=g))
-            for n, (o, i) in SHAPES.items()
+            for n, (o, i) in shapes.items()
         }
         ups.append(ClientUpdate(ad, r, 10 + k % 7, k))
     return glob, ups
@@ -82,10 +84,20 @@ def main() -> None:
                 sec = time_rule(rule, glob, use, R, reps)
                 rows.append({"rule": rule, "clients": len(use), "R": R, "seconds": sec})
                 print(f"R={R:3d} K={len(use):5d} {rule:9s} {sec * 1e3:9.1f} ms", flush=True)
+    # module size: one module of each shape (SmolLM2's v_proj, q_proj, MLP up_proj), K = 100, R = 16
+    size_rows = []
+    for o, i in [(192, 576), (576, 576), (1536, 576)]:
+        glob, ups = make_round(100, 16, shapes={"m": (o, i)})
+        for rule in rules[:-1]:
+            sec = time_rule(rule, glob, ups, 16, args.reps)
+            size_rows.append({"rule": rule, "shape": [o, i], "clients": 100, "R": 16, "seconds": sec})
+            print(f"shape {o}x{i} {rule:9s} {sec * 1e3:9.2f} ms", flush=True)
     out = {
+        "what": "median seconds per aggregation, the 60 q/v modules of SmolLM2-135M (or one given shape)",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "modules": len(SHAPES),
         "rows": rows,
+        "module_size_rows": size_rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

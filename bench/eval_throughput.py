@@ -1,0 +1,176 @@
+"""Evaluation throughput and the work per-rank evaluation reuses (issue #6, item 6).
+
+    python bench/eval_throughput.py     # SmolLM2-135M; writes bench/results/eval_throughput.json
+
+On the test splits of the two SmolLM2 benchmark configs:
+
+- likelihood scoring (BBC News, 5 topics): ``LMEvaluator`` (one prompt pass whose KV cache
+  all choices share, only the last position's logits, perplexity taken from the correct
+  choice's score) vs a naive scorer (one full forward of prompt + choice per choice, then a
+  separate perplexity pass). Both must pick the same answers.
+- ROUGE-L generation (Natural Instructions): batched left-padded greedy decoding
+  (``eval_batch_size``, prompts sorted by length) vs one prompt at a time.
+- reuse across ranks: the evaluator tokenises once and is called per rank level; the cost of
+  re-tokenising per level is measured, and round 0 (B = 0, the base model) is evaluated
+  once per workload instead of once per level and method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, machine, write_json
+from prelort.config import load_config
+from prelort.data.formatting import collate
+from prelort.evaluation.lm import LMEvaluator, answer_nll
+from prelort.workloads import build_workload
+
+
+@torch.no_grad()
+def naive_choice_scores(model: Any, ev: LMEvaluator) -> tuple[list[int], float]:
+    """Predictions by one full forward per (prompt, choice), and a separate perplexity pass."""
+    preds = []
+    for i in ev.with_choices:
+        prompt = list(ev.prompt_ids[i])
+        scores = []
+        for c in ev.choice_ids[i]:
+            ids = torch.tensor([prompt + list(c)])
+            logp = model(input_ids=ids).logits[0].float().log_softmax(-1)
+            scores.append(float(sum(logp[len(prompt) + j - 1, t] for j, t in enumerate(c))))
+        preds.append(max(range(len(scores)), key=scores.__getitem__))
+    nll, n = 0.0, 0
+    for s in range(0, len(ev.features), ev.batch_size):
+        a, b = answer_nll(model, collate(ev.features[s : s + ev.batch_size], ev.pad_id))
+        nll, n = nll + a, n + b
+    return preds, nll / n
+
+
+@torch.no_grad()
+def our_predictions(model: Any, ev: LMEvaluator) -> list[int]:
+    from prelort.evaluation.lm import choice_logprobs
+
+    out = []
+    for i in ev.with_choices:
+        s = choice_logprobs(model, ev.prompt_ids[i], ev.choice_ids[i], ev.pad_id)
+        out.append(max(range(len(s)), key=s.__getitem__))
+    return out
+
+
+def generation_rouge(model: Any, ev: LMEvaluator, batch_size: int) -> float:
+    """Mean ROUGE-L of greedy answers, generated ``batch_size`` prompts at a time (as the evaluator)."""
+    from prelort.evaluation.lm import greedy_generate
+    from prelort.evaluation.metrics import rouge_l
+
+    order = sorted(range(len(ev.examples)), key=lambda i: len(ev.prompt_ids[i]))
+    scores = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        outs = greedy_generate(
+            model,
+            [ev.prompt_ids[i] for i in idx],
+            max_new_tokens=ev.max_new_tokens,
+            pad_id=ev.pad_id,
+            eos_id=ev.eos_id,
+        )
+        for i, toks in zip(idx, outs, strict=True):
+            text = ev.tokenizer.decode(toks, skip_special_tokens=True).strip()
+            scores.append(rouge_l(text, ev.examples[i].references))
+    return sum(scores) / len(scores)
+
+
+def timed(fn: Any) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    res = fn()
+    return time.perf_counter() - t0, res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bbc-config", default=str(ROOT / "configs" / "bench-bbc.toml"))
+    p.add_argument("--ni-config", default=str(ROOT / "configs" / "bench-ni.toml"))
+    p.add_argument("--levels", type=int, default=3, help="rank levels evaluated per round")
+    p.add_argument("--out", default="bench/results/eval_throughput.json")
+    args = p.parse_args()
+    torch.manual_seed(0)
+
+    # -- likelihood scoring -------------------------------------------------------------------
+    bbc: Any = build_workload(load_config(args.bbc_config))
+    model = bbc.build_model()
+    ev = bbc.evaluator
+    n_bbc = len(ev.examples)
+    model(input_ids=torch.tensor([ev.prompt_ids[0]]))  # warm-up
+    t_ours, metrics = timed(lambda: ev(model))
+    t_naive, (naive_preds, naive_loss) = timed(lambda: naive_choice_scores(model, ev))
+    same_preds = our_predictions(model, ev) == naive_preds
+    t_tok, _ = timed(
+        lambda: LMEvaluator(
+            bbc.tokenizer, ev.examples, max_length=bbc.cfg.max_length, batch_size=ev.batch_size
+        )
+    )
+
+    # -- generation ------------------------------------------------------------------------------
+    ni: Any = build_workload(load_config(args.ni_config))
+    gev = ni.evaluator
+    n_ni = len(gev.examples)
+    t_gen_eval, gen_metrics = timed(lambda: gev(model))
+    t_gen, rouge_b = timed(lambda: generation_rouge(model, gev, gev.batch_size))
+    t_gen1, rouge_1 = timed(lambda: generation_rouge(model, gev, 1))
+
+    L = args.levels
+    out: dict[str, Any] = {
+        "what": "evaluation throughput (examples/s) on SmolLM2-135M, base model, CPU unless stated",
+        "machine": machine(),
+        "likelihood": {
+            "examples": n_bbc,
+            "choices_per_example": len(ev.choice_ids[ev.with_choices[0]]),
+            "ours_seconds": t_ours,
+            "ours_examples_per_s": n_bbc / t_ours,
+            "naive_seconds": t_naive,
+            "naive_examples_per_s": n_bbc / t_naive,
+            "speedup": t_naive / t_ours,
+            "same_predictions": same_preds,
+            "loss_ours": metrics["loss"],
+            "loss_naive": naive_loss,
+        },
+        "generation": {
+            "examples": n_ni,
+            "max_new_tokens": gev.max_new_tokens,
+            "batch_size": gev.batch_size,
+            "batched_seconds": t_gen,
+            "batched_examples_per_s": n_ni / t_gen,
+            "one_at_a_time_seconds": t_gen1,
+            "one_at_a_time_examples_per_s": n_ni / t_gen1,
+            "speedup": t_gen1 / t_gen,
+            "rouge_l_batched": rouge_b,
+            "rouge_l_one_at_a_time": rouge_1,
+            "rouge_l_evaluator": gen_metrics["rouge_l"],
+            "full_evaluator_seconds": t_gen_eval,
+        },
+        "reuse_across_ranks": {
+            "levels": L,
+            "tokenise_seconds": t_tok,
+            "evaluate_seconds": t_ours,
+            "speedup_tokenise_once": L * (t_tok + t_ours) / (t_tok + L * t_ours),
+            "round0_evaluations": f"1 instead of {L} per workload (B = 0: every level is the base model)",
+        },
+    }
+    write_json(args.out, out)
+    lk, g = out["likelihood"], out["generation"]
+    print(
+        f"likelihood: {lk['ours_examples_per_s']:.2f} ex/s vs naive {lk['naive_examples_per_s']:.2f} "
+        f"(x{lk['speedup']:.1f}, same predictions: {same_preds}); generation: "
+        f"{g['batched_examples_per_s']:.2f} ex/s batched vs "
+        f"{g['one_at_a_time_examples_per_s']:.2f} one at a time "
+        f"(x{g['speedup']:.1f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
