@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.prelort-installed
 OUT ?= runs/demo
 
-.PHONY: install run run-synthetic test lint bench-synthetic clean
+.PHONY: install run run-synthetic test lint bench-synthetic bench-llm bench-perf clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,22 @@ lint: $(STAMP)
 
 bench-synthetic: $(STAMP)
 	$(VENV)/bin/prelort compare --config configs/synthetic.toml --methods prelort,segment,hetlora,flexlora,flora,fedit,fedit-max --seeds 0,1,2 --out bench/results/synthetic
+
+# SmolLM2 comparison of issue #3; Natural Instructions needs PRELORT_DATA_DIR (the folder holding
+# natural_instructions/). Runs resume and finished runs are reused.
+LLM_METHODS := prelort,segment,hetlora,flexlora,flora,fedit
+bench-llm: $(STAMP)
+	$(VENV)/bin/prelort compare --config configs/bench-bbc.toml --methods $(LLM_METHODS) --seeds 0,1,2 --out bench/results/smollm2-bbc
+	$(VENV)/bin/prelort compare --config configs/bench-ni.toml --methods $(LLM_METHODS) --seeds 0,1,2 --out bench/results/smollm2-ni
+
+# Performance figures of bench/README.md (run on an otherwise idle machine)
+bench-perf: $(STAMP)
+	$(PY) bench/step_overhead.py
+	$(PY) bench/federation_overhead.py
+	$(PY) bench/aggregation_cost.py
+	$(PY) bench/memory.py
+	$(PY) bench/communication.py
+	$(PY) bench/eval_throughput.py
 
 clean:
 	rm -rf $(VENV) runs
