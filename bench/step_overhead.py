@@ -11,6 +11,9 @@ LoRA rank R = 16 on q_proj and v_proj, lr 1e-4:
 - ``prelort_sample``: ``prelort.training.train_local`` in ``sample`` mode (client rank R,
   levels {2, 4, 8, 16}, own weight 0.5): each step draws one level, trains that truncation
   with the masking hook and steps ``MaskedAdamW`` on its prefix;
+- ``peft_answer_loss``: the ``peft`` step with ``prelort.training.answer_loss`` (the LLM
+  workload's loss: LM head and softmax on answer positions only) instead of transformers'
+  full-logits loss;
 - ``prelort_plain``: ``train_local`` in ``plain`` mode at r = R (isolates hook + MaskedAdamW);
 - ``prelort_all``: ``train_local`` in ``all`` mode, |L_k| = 4 passes per step; its cost per
   level is reported, and a prototype ``stacked`` variant that runs the |L_k| truncations as
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_lm, machine, median_time, write_json
 from prelort.adapters import NestedLoRA, Scaling
-from prelort.training import LocalTrainConfig, train_local
+from prelort.training import LocalTrainConfig, answer_loss, train_local
 from prelort.training.local import level_distribution
 
 TARGETS = ["q_proj", "v_proj"]
@@ -161,9 +164,9 @@ def main() -> None:
     randomise_b([q for q, d in nested.parameters_with_rank_dim() if d == 1])
     gen = torch.Generator().manual_seed(0)
 
-    def peft_steps() -> None:
+    def peft_steps(loss_fn: Any = lm_loss) -> None:
         for _ in range(args.steps):
-            lm_loss(peft_model, batch).backward()
+            loss_fn(peft_model, batch).backward()
             adamw.step()
             adamw.zero_grad()
 
@@ -217,6 +220,7 @@ def main() -> None:
         "prelort_plain": [],
         "prelort_all": [],
         "prelort_all_stacked": [],
+        "peft_answer_loss": [],
     }
     for rep in range(args.reps):
         per_step["peft"].append(median_time(peft_steps, 1, sync=sync)[0] / args.steps)
@@ -225,6 +229,9 @@ def main() -> None:
         )
         per_step["prelort_plain"].append(
             median_time(lambda: prelort_steps("plain", args.steps), 1, sync=sync)[0] / args.steps
+        )
+        per_step["peft_answer_loss"].append(
+            median_time(lambda: peft_steps(answer_loss), 1, sync=sync)[0] / args.steps
         )
         if rep < args.all_reps:
             per_step["prelort_all"].append(median_time(lambda: prelort_steps("all", 2), 1, sync=sync)[0] / 2)
@@ -272,6 +279,12 @@ def main() -> None:
             "stacked_ratio_vs_peft": med["prelort_all_stacked"] / med["peft"],
             "stacked_speedup_vs_sequential": med["prelort_all"] / med["prelort_all_stacked"],
             "stacked_grad_max_rel_diff": max_rel,
+        },
+        "answer_loss": {
+            "what": "PEFT step, prelort's answer-only LM head loss vs transformers' full-logits loss",
+            "answer_positions": int((batch["labels"][:, 1:] != -100).any(0).sum()),
+            "positions": int(batch["labels"].shape[1] - 1),
+            "ratio_vs_full_logits": med["peft_answer_loss"] / med["peft"],
         },
         "optimizer_step_seconds": {"masked_adamw": opt_masked, "torch_adamw": opt_torch},
     }

@@ -104,6 +104,46 @@ def test_answer_nll_matches_manual_cross_entropy() -> None:
     assert total == pytest.approx(manual, rel=1e-4)
 
 
+def test_answer_loss_equals_full_logits_loss_and_runs_lm_head_on_answer_positions_only() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from prelort.training import answer_loss
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for n, q in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(q, std=0.1)  # non-zero B so LoRA gradients reach A too
+    tok = tiny_tokenizer()
+    exs = [
+        Example(words(*range(3, 15)), words(20, 21, 22), (words(20),)),
+        Example(words(8, 9), words(30, 31), (words(30),)),
+        Example(words(*range(40, 47)), words(50), (words(50),)),
+    ]
+    feats = [encode_example(tok, e, 64) for e in exs]
+    batch = collate(feats, 1)
+    T = batch["input_ids"].shape[1]
+    lora = [q for n, q in model.named_parameters() if "lora_" in n]
+
+    # reference: every position's logits, manual mean cross-entropy over labelled next tokens
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    tgt = batch["labels"][:, 1:]
+    nll = -logits[:, :-1].log_softmax(-1).gather(-1, tgt.clamp_min(0)[..., None])[..., 0]
+    ref = (nll * (tgt != -100)).sum() / (tgt != -100).sum()
+    ref_grads = torch.autograd.grad(ref, lora)
+
+    rows: list[int] = []
+    hook = model.get_base_model().lm_head.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[1]))
+    loss = answer_loss(model, batch)
+    hook.remove()
+    grads = torch.autograd.grad(loss, lora)
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-7)
+    # the LM head saw the union over rows of the positions t whose next token is labelled
+    spans = [set(range(f["labels"].count(-100) - 1, len(f["labels"]) - 1)) for f in feats]
+    assert rows == [len(set().union(*spans))] and rows[0] < T - 1
+
+
 def test_greedy_generate_left_padded_batch_equals_manual_argmax() -> None:
     model = tiny_llama()
     prompts = [[5, 9, 13], [7, 2, 3, 4, 10, 11]]

@@ -21,6 +21,7 @@ from prelort.config import Config, LLMSection
 from prelort.data import Example, collate, encode_example, load_source, partition_indices, train_test_split
 from prelort.errors import ConfigError
 from prelort.evaluation import LMEvaluator
+from prelort.training.lm_loss import answer_loss
 
 
 def _path(s: LLMSection) -> str:
@@ -127,10 +128,7 @@ class LLMWorkload:
                 yield collate([feats[j] for j in order[i : i + bs]], self.pad_id)
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        device = next(model.parameters()).device
-        out = model(**{k: v.to(device) for k, v in batch.items()})
-        loss: torch.Tensor = out.loss
-        return loss
+        return answer_loss(model, batch)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return self.evaluator(model)
