@@ -4,7 +4,8 @@
 
 Each K runs in a fresh process: SmolLM2-135M on BBC News (the bench-bbc config) with the
 same 2000 articles split IID over K clients, 2 of them sampled per round, 2 rounds of one
-local step, R = 8, evaluation on 4 test articles. The data are the same for every K, so the
+local step of batch 1 (so activations are the same at every K), R = 8, evaluation on 4 test
+articles. The data are the same for every K, so the
 growth of peak RSS with K is the simulator's per-client cost. Reported beside it: the base
 model's parameter bytes, the optimiser state (MaskedAdamW: 2 x the rank-R adapter) and one
 rank-R adapter, i.e. the floor "base model + optimiser + O(clients x adapter)".
@@ -40,6 +41,7 @@ def child(num_clients: int, config: str) -> dict[str, Any]:
             "run.eval_every=2",
             "run.eval_levels=[8]",
             "train.steps=1",
+            "train.batch_size=1",  # every client holds >= 2 examples at K = 1000: same batch at every K
             "llm.partition=iid",
             "llm.max_examples=2004",
             "llm.test_examples=4",

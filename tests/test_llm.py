@@ -14,7 +14,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from prelort.config import config_from_dict, load_config
 from prelort.data import Example, collate, encode_example
-from prelort.evaluation import LMEvaluator, accuracy, answer_nll, choice_logprobs, greedy_generate, rouge_l
+from prelort.evaluation import (
+    LMEvaluator,
+    accuracy,
+    answer_nll,
+    batch_choice_logprobs,
+    choice_logprobs,
+    greedy_generate,
+    rouge_l,
+)
 from prelort.federation import run_simulation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +96,17 @@ def test_choice_logprobs_with_shared_cache_equal_full_forwards() -> None:
     got = choice_logprobs(model, prompt, choices, pad_id=1)
     expect = [full_logprob(model, prompt, c) for c in choices]
     assert got == pytest.approx(expect, abs=1e-4)
+
+
+def test_batch_choice_logprobs_left_padded_equal_full_forwards() -> None:
+    model = tiny_llama()
+    prompts = [[5, 9, 13, 2, 7], [8], [30, 31, 32, 33, 34, 35, 36, 37, 38]]
+    choices = [[[3, 1], [4, 8, 1], [11]], [[6, 6, 6, 1], [2]], [[40, 1], [41, 42, 1], [43, 1], [44]]]
+    got = batch_choice_logprobs(model, prompts, choices, pad_id=1)
+    expect = [[full_logprob(model, p, c) for c in cs] for p, cs in zip(prompts, choices, strict=True)]
+    assert len(got) == 3
+    for g, e in zip(got, expect, strict=True):
+        assert g == pytest.approx(e, abs=1e-4)
 
 
 def test_answer_nll_matches_manual_cross_entropy() -> None:

@@ -1,7 +1,7 @@
 """Causal-LM evaluation primitives and the per-rank evaluator of LLM workloads.
 
 - accuracy: argmax_c sum_t log p(c_t | prompt, c_<t) over each choice c (answer + eos);
-  the prompt is run once and its KV cache shared by all choices;
+  prompts run in left-padded batches, each prompt's KV cache shared by all its choices;
 - ROUGE-L: greedy decoding (left-padded batches) up to ``max_new_tokens``;
 - perplexity: exp(sum NLL / number of answer tokens) on the test answers (+ eos).
 Tokenisation is done once when the evaluator is built and reused for every rank level.
@@ -37,35 +37,68 @@ def _output_cache(out: Any) -> Any:
     return cache if cache is not None else out.past_key_values
 
 
-@torch.no_grad()
 def choice_logprobs(
     model: nn.Module, prompt_ids: Sequence[int], choice_ids: Sequence[Sequence[int]], pad_id: int
 ) -> list[float]:
     """log p(choice | prompt) for every choice; the prompt's KV cache is computed once."""
+    return batch_choice_logprobs(model, [prompt_ids], [choice_ids], pad_id)[0]
+
+
+@torch.no_grad()
+def batch_choice_logprobs(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    choices: Sequence[Sequence[Sequence[int]]],
+    pad_id: int,
+) -> list[list[float]]:
+    """log p(c | prompt_b) = sum_t log p(c_t | prompt_b, c_<t) for every choice c of every prompt b.
+
+    One pass over the left-padded prompts (positions counted from each prompt's first real
+    token, only the last position's logits), then the prompt KV cache is copied to one row
+    per multi-token choice and the choices' remaining tokens run in a second pass.
+    """
     device = _device(model)
-    T = len(prompt_ids)
-    out = model(input_ids=torch.tensor([list(prompt_ids)], device=device), use_cache=True, logits_to_keep=1)
-    first = out.logits[0, -1].float().log_softmax(-1)  # (V,): only the last position's logits
-    scores = [float(first[c[0]]) for c in choice_ids]
-    multi = [i for i, c in enumerate(choice_ids) if len(c) > 1]
-    if not multi:
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p) :] = torch.tensor(list(p))
+        mask[b, T - len(p) :] = 1
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    out = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=pos.to(device),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    first = out.logits[:, -1].float().log_softmax(-1)  # (B, V): only the last position's logits
+    scores = [[float(first[b, c[0]]) for c in choices[b]] for b in range(B)]
+    rows = [(b, i) for b in range(B) for i, c in enumerate(choices[b]) if len(c) > 1]
+    if not rows:
         return scores
-    L = max(len(choice_ids[i]) - 1 for i in multi)
-    inp = torch.full((len(multi), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(multi), T + L), dtype=torch.long)
-    mask[:, :T] = 1
-    for row, i in enumerate(multi):
-        c = list(choice_ids[i])
-        inp[row, : len(c) - 1] = torch.tensor(c[:-1])
-        mask[row, T : T + len(c) - 1] = 1
+    L = max(len(choices[b][i]) - 1 for b, i in rows)
+    inp = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    cont_mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for r, (b, i) in enumerate(rows):
+        c = list(choices[b][i])
+        inp[r, : len(c) - 1] = torch.tensor(c[:-1])
+        cont_mask[r, : len(c) - 1] = 1
+    src = torch.tensor([b for b, _ in rows])
     cache = _output_cache(out)
-    cache.batch_repeat_interleave(len(multi))
+    cache.reorder_cache(src.to(device))  # row r continues prompt src[r]
+    lengths = torch.tensor([len(prompts[b]) for b, _ in rows])
     kwargs = {_cache_kwarg(model): cache}
-    logits = model(input_ids=inp.to(device), attention_mask=mask.to(device), **kwargs).logits.float()
-    logp = logits.log_softmax(-1)  # (n_multi, L, V)
-    for row, i in enumerate(multi):
-        c = list(choice_ids[i])
-        scores[i] += float(sum(logp[row, j - 1, c[j]] for j in range(1, len(c))))
+    logits = model(
+        input_ids=inp.to(device),
+        attention_mask=torch.cat([mask[src], cont_mask], dim=1).to(device),
+        position_ids=(lengths[:, None] + torch.arange(L)[None, :]).to(device),
+        **kwargs,
+    ).logits.float()
+    logp = logits.log_softmax(-1)  # (rows, L, V)
+    for r, (b, i) in enumerate(rows):
+        c = list(choices[b][i])
+        scores[b][i] += float(sum(logp[r, j - 1, c[j]] for j in range(1, len(c))))
     return scores
 
 
@@ -170,8 +203,13 @@ class LMEvaluator:
         metrics: dict[str, float] = {}
         if self.with_choices:
             preds, answers = [], []
-            for i in self.with_choices:
-                scores = choice_logprobs(model, self.prompt_ids[i], self.choice_ids[i], self.pad_id)
+            all_scores: list[list[float]] = []
+            for start in range(0, len(self.with_choices), self.batch_size):
+                idx = self.with_choices[start : start + self.batch_size]
+                all_scores += batch_choice_logprobs(
+                    model, [self.prompt_ids[i] for i in idx], [self.choice_ids[i] for i in idx], self.pad_id
+                )
+            for i, scores in zip(self.with_choices, all_scores, strict=True):
                 preds.append(max(range(len(scores)), key=scores.__getitem__))
                 answer = int(self.examples[i].answer)  # type: ignore[arg-type]
                 answers.append(answer)
