@@ -4,10 +4,11 @@
 
 On the test splits of the two SmolLM2 benchmark configs:
 
-- likelihood scoring (BBC News, 5 topics): ``LMEvaluator`` (one prompt pass whose KV cache
-  all choices share, only the last position's logits, perplexity taken from the correct
-  choice's score) vs a naive scorer (one full forward of prompt + choice per choice, then a
-  separate perplexity pass). Both must pick the same answers.
+- likelihood scoring (BBC News, 5 topics): ``LMEvaluator`` (prompts in left-padded batches,
+  each prompt's KV cache shared by its choices, only the last position's logits, perplexity
+  taken from the correct choice's score) vs a naive scorer (one full forward of prompt +
+  choice per choice, then a separate perplexity pass); and the scoring alone with
+  ``eval_batch_size`` prompts per pass vs one prompt at a time. All must pick the same answers.
 - ROUGE-L generation (Natural Instructions): batched left-padded greedy decoding
   (``eval_batch_size``, prompts sorted by length) vs one prompt at a time.
 - reuse across ranks: the evaluator tokenises once and is called per rank level; the cost of
@@ -53,13 +54,17 @@ def naive_choice_scores(model: Any, ev: LMEvaluator) -> tuple[list[int], float]:
 
 
 @torch.no_grad()
-def our_predictions(model: Any, ev: LMEvaluator) -> list[int]:
-    from prelort.evaluation.lm import choice_logprobs
+def our_predictions(model: Any, ev: LMEvaluator, batch_size: int) -> list[int]:
+    """Predictions of ``batch_choice_logprobs``, ``batch_size`` prompts per pass (1 = one at a time)."""
+    from prelort.evaluation.lm import batch_choice_logprobs
 
     out = []
-    for i in ev.with_choices:
-        s = choice_logprobs(model, ev.prompt_ids[i], ev.choice_ids[i], ev.pad_id)
-        out.append(max(range(len(s)), key=s.__getitem__))
+    for start in range(0, len(ev.with_choices), batch_size):
+        idx = ev.with_choices[start : start + batch_size]
+        scores = batch_choice_logprobs(
+            model, [ev.prompt_ids[i] for i in idx], [ev.choice_ids[i] for i in idx], ev.pad_id
+        )
+        out += [max(range(len(s)), key=s.__getitem__) for s in scores]
     return out
 
 
@@ -108,7 +113,9 @@ def main() -> None:
     model(input_ids=torch.tensor([ev.prompt_ids[0]]))  # warm-up
     t_ours, metrics = timed(lambda: ev(model))
     t_naive, (naive_preds, naive_loss) = timed(lambda: naive_choice_scores(model, ev))
-    same_preds = our_predictions(model, ev) == naive_preds
+    t_one, one_preds = timed(lambda: our_predictions(model, ev, 1))
+    t_batched, batched_preds = timed(lambda: our_predictions(model, ev, ev.batch_size))
+    same_preds = batched_preds == naive_preds == one_preds
     t_tok, _ = timed(
         lambda: LMEvaluator(
             bbc.tokenizer, ev.examples, max_length=bbc.cfg.max_length, batch_size=ev.batch_size
@@ -132,6 +139,10 @@ def main() -> None:
             "choices_per_example": len(ev.choice_ids[ev.with_choices[0]]),
             "ours_seconds": t_ours,
             "ours_examples_per_s": n_bbc / t_ours,
+            "batch_size": ev.batch_size,
+            "scoring_only_batched_seconds": t_batched,
+            "scoring_only_one_prompt_at_a_time_seconds": t_one,
+            "speedup_batched_vs_one_prompt_at_a_time": t_one / t_batched,
             "naive_seconds": t_naive,
             "naive_examples_per_s": n_bbc / t_naive,
             "speedup": t_naive / t_ours,
