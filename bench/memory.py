@@ -5,8 +5,8 @@
 Each K runs in a fresh process: SmolLM2-135M on BBC News (the bench-bbc config) with the
 same 2000 articles split IID over K clients, 2 of them sampled per round, 2 rounds of one
 local step of batch 1 (so activations are the same at every K), R = 8, evaluation on 4 test
-articles. The data are the same for every K, so the
-growth of peak RSS with K is the simulator's per-client cost. Reported beside it: the base
+articles. The data are the same for every K, so the growth of peak RSS with K is the
+simulator's per-client cost. Reported beside it: the base
 model's parameter bytes, the optimiser state (MaskedAdamW: 2 x the rank-R adapter) and one
 rank-R adapter, i.e. the floor "base model + optimiser + O(clients x adapter)".
 """

@@ -163,6 +163,26 @@ def test_answer_loss_equals_full_logits_loss_and_runs_lm_head_on_answer_position
     assert rows == [len(set().union(*spans))] and rows[0] < T - 1
 
 
+def test_answer_token_nll_without_logits_to_keep_equals_with_it() -> None:
+    from prelort.training.lm_loss import answer_token_nll
+
+    class NoKeep(torch.nn.Module):  # a causal LM whose forward has no logits_to_keep
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    exs = [Example(words(3, 4, 5, 6), words(7, 8), (words(7),)), Example(words(9), words(10), (words(10),))]
+    batch = collate([encode_example(tok, e, 64) for e in exs], 1)
+    for reduction in ("mean", "sum"):
+        with_keep = answer_token_nll(model, batch, reduction)
+        without = answer_token_nll(NoKeep(model), batch, reduction)
+        assert float(without) == pytest.approx(float(with_keep), rel=1e-5)
+
+
 def test_greedy_generate_left_padded_batch_equals_manual_argmax() -> None:
     model = tiny_llama()
     prompts = [[5, 9, 13], [7, 2, 3, 4, 10, 11]]

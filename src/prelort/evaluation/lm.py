@@ -20,6 +20,7 @@ from torch import nn
 from prelort.data.examples import Example
 from prelort.data.formatting import IGNORE_INDEX, collate, encode_answer, encode_example
 from prelort.evaluation.metrics import accuracy, rouge_l
+from prelort.training.lm_loss import answer_token_nll
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -105,16 +106,8 @@ def batch_choice_logprobs(
 @torch.no_grad()
 def answer_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
     """Summed next-token NLL over labelled positions, and their count."""
-    device = _device(model)
-    logits = model(
-        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-    ).logits.float()
-    labels = batch["labels"].to(device)[:, 1:]
-    logits = logits[:, :-1]
-    nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return float(nll), int((labels != IGNORE_INDEX).sum())
+    count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return float(answer_token_nll(model, batch, "sum")), count
 
 
 @torch.no_grad()
