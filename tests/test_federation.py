@@ -8,7 +8,8 @@ import torch
 from prelort.adapters import adapter_num_bytes
 from prelort.config import config_from_dict
 from prelort.federation import METHODS, client_update, run_simulation
-from prelort.federation.core import assign_ranks, initial_state, make_rule, sample_clients
+from prelort.federation.core import initial_state
+from prelort.federation.plan import assign_ranks, build_plan, sample_clients
 from prelort.federation.simulator import build_nested
 from prelort.workloads.synthetic import SyntheticWorkload
 
@@ -62,12 +63,13 @@ def test_client_sampling_is_seeded_and_without_replacement() -> None:
 def test_client_receives_and_returns_only_its_prefix() -> None:
     cfg = _cfg(method="prelort")
     wl = _workload(cfg)
-    nested = build_nested(cfg, wl)
-    rule = make_rule(cfg, METHODS["prelort"])
-    state = initial_state(cfg, nested.shapes())
+    plan = build_plan(cfg)
+    nested = build_nested(plan, wl)
+    rule = plan.make_rule()
+    state = initial_state(plan, nested.shapes())
     received = rule.downlink(state.adapter, 4)
     assert all(p.A.shape[0] == 4 and p.B.shape[1] == 4 for p in received.values())
-    res = client_update(nested, received, client_id=1, round_=1, cfg=cfg, workload=wl)
+    res = client_update(nested, received, client_id=1, round_=1, plan=plan, workload=wl)
     assert res.update.rank == 4 and res.update.num_examples == wl.num_examples(1)
     for name, pair in res.update.adapter.items():
         assert pair.A.shape == (4, received[name].A.shape[1])

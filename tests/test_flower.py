@@ -30,7 +30,8 @@ from prelort.config import Config
 from prelort.errors import ConfigError, UserError
 from prelort.federation import METHODS, run_simulation
 from prelort.federation.artifacts import load_global
-from prelort.federation.core import ServerState, assign_ranks
+from prelort.federation.core import ServerState
+from prelort.federation.plan import assign_ranks
 from prelort.flower import client_app, local
 from prelort.flower.certs import make_node_key, make_test_pki
 from prelort.flower.records import adapter_to_record, record_to_adapter
@@ -316,22 +317,28 @@ def test_a_restarted_run_resumes_from_its_checkpoint(tmp_path: Path, task_identi
 
 
 def test_client_evaluate_handler_and_worker_cache(task_identity: None) -> None:
+    from prelort.federation.core import initial_state
+    from prelort.federation.driver import ClientJob
+    from prelort.federation.plan import build_plan
     from prelort.federation.simulator import build_nested
-    from prelort.flower.strategy import PrefixStrategy
+    from prelort.flower.transport import FlowerTransport
 
     cfg = _small()
     client_app._WORKERS.clear()
     wl = build_workload(cfg)
-    nested = build_nested(cfg, wl)
-    strategy = PrefixStrategy(cfg, {0: 11, 1: 12, 2: 13}, nested.shapes())
-    train_msg = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), InMemoryGrid({})))[2]
+    plan = build_plan(cfg)
+    nested = build_nested(plan, wl)
+    rule, state = plan.make_rule(), initial_state(plan, nested.shapes())
+    transport = FlowerTransport(InMemoryGrid({}), cfg, {0: 11, 1: 12, 2: 13}, timeout=1.0, poll=0.1)
+    jobs = [ClientJob(k, rule.downlink(state.adapter, state.client_ranks[k])) for k in (0, 1, 2)]
+    train_msg = transport.messages(1, state, jobs)[2]
     msg = Message(content=train_msg.content, dst_node_id=13, message_type=MessageType.EVALUATE)
     msg.metadata.__dict__["_message_id"] = msg.object_id
     ctx = Context(
         run_id=1, node_id=13, node_config={"partition-id": 2, "rank": 8}, state=RecordDict(), run_config={}
     )
     metrics = client_app.app(msg, ctx).content.metric_records["metrics"]
-    nested.set_adapter(strategy.rule.downlink(strategy.state.adapter, 8))
+    nested.set_adapter(rule.downlink(state.adapter, 8))
     nested.set_rank(8)
     assert metrics["loss"] == pytest.approx(wl.evaluate(nested.model)["loss"])
     assert metrics["rank"] == 8 and len(client_app._WORKERS) == 1

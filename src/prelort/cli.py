@@ -61,6 +61,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; expected operational errors are one line on stderr and exit status 2.
+
+    Bad input (``UserError``), file-system errors (``OSError``: permissions, a file where a
+    folder is needed, a full disk ...) and damaged JSON / safetensors / text files become
+    ``prelort: error: <path>: <what>; <what to do>``; anything else is a bug and keeps its
+    traceback.
+    """
     parser = _parser()
     parser.__class__ = _Parser
     for action in parser._subparsers._group_actions if parser._subparsers else []:
@@ -76,13 +83,77 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_export(args)
         if args.command == "eval":
             return _cmd_eval(args)
-    except _UsageError as exc:
-        print(f"prelort: error: {exc}", file=sys.stderr)
-        return 2
-    except UserError as exc:
-        print(f"prelort: error: {exc}", file=sys.stderr)
-        return 2
+    except (_UsageError, UserError) as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(_os_error_line(exc))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return _fail(f"a damaged input file ({type(exc).__name__}: {exc}); check the files the command reads")
+    except Exception as exc:
+        st = sys.modules.get("safetensors")
+        if st is not None and isinstance(exc, st.SafetensorError):
+            return _fail(f"a damaged safetensors file ({exc}); check the model / adapter files the command reads")
+        raise
     return 2
+
+
+def _fail(message: str) -> int:
+    """Print ``message`` as the one ``prelort: error:`` line on stderr; exit status 2."""
+    one_line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    print(f"prelort: error: {one_line}", file=sys.stderr)
+    return 2
+
+
+def _os_error_line(exc: OSError) -> str:
+    """``<path>: <what>; <what to do>`` for a file-system error."""
+    import errno
+
+    permissions = "check its permissions or choose another path"
+    full = "free some disk space or choose another path"
+    hints = {
+        errno.EACCES: permissions,
+        errno.EPERM: permissions,
+        errno.EROFS: "the file system is read-only; choose another path",
+        errno.ENOENT: "check that the path exists",
+        errno.EEXIST: "a file is in the way; remove it or choose another path",
+        errno.ENOTDIR: "a file is in the way where a folder is needed; choose another path",
+        errno.EISDIR: "it is a folder; give a file path",
+        errno.ENOSPC: full,
+        errno.EDQUOT: full,
+    }
+    what = exc.strerror or str(exc) or type(exc).__name__
+    hint = hints.get(exc.errno or 0, "check the path and try again")
+    if exc.filename is None:
+        return f"{what}; {hint}"
+    return f"{exc.filename}: {what}; {hint}"
+
+
+def _log_stderr(message: str) -> None:
+    print(f"prelort: {message}", file=sys.stderr)
+
+
+def _check_out_dir(out: Path, flag: str) -> None:
+    """``out`` can be a run folder: a folder, or creatable in a writable folder (before any work)."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out}: exists and is not a folder; choose a folder path")
+    base = out
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    if not base.is_dir():
+        raise UserError(f"{flag} {out}: {base} is a file, not a folder; choose another path")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {out}: {base} is not writable; fix its permissions or choose another path")
+
+
+def _finished_round(out: Path) -> int | None:
+    """The last round recorded in ``out/results.json`` (None: no readable results)."""
+    try:
+        res = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        return int(res["rounds"][-1]["round"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 def _console(quiet: bool) -> Any:
@@ -92,26 +163,12 @@ def _console(quiet: bool) -> Any:
 
 
 def execute_run(cfg: Any, workload: Any, out: Path, *, progress: bool, console: Any) -> dict[str, Any]:
-    """Run (or resume) one simulation in ``out`` with a checkpoint after every round."""
-    from prelort.config import config_to_dict, dump_toml
-    from prelort.federation.artifacts import save_global
-    from prelort.federation.checkpoint import load_checkpoint, save_checkpoint
-    from prelort.federation.simulator import run_simulation
-    from prelort.reporting import atomic_write_text, write_results
+    """Run (or resume) one in-process simulation in ``out`` with a checkpoint after every round."""
+    from prelort.federation.driver import run_in_folder
+    from prelort.federation.simulator import make_driver
 
-    resume = load_checkpoint(out, cfg, log=console.print)
-    if resume is not None:
-        console.print(f"resuming {out} after round {resume[0].round}")
-    else:
-        atomic_write_text(out / "config.toml", dump_toml(config_to_dict(cfg)))
-
-    def on_state(state: Any, rounds: list[dict[str, Any]]) -> None:
-        save_checkpoint(out, state, rounds, cfg)
-        save_global(out, state)
-
-    results = run_simulation(cfg, workload, progress=progress, on_state=on_state, resume=resume)
-    write_results(out, results, cfg)
-    return results
+    driver = make_driver(cfg, workload, progress=progress)
+    return run_in_folder(driver, out, log_line=console.print)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -120,6 +177,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from prelort.reporting import per_rank_table
     from prelort.workloads import build_workload
 
+    from prelort.lock import run_lock
+
     console = _console(args.quiet)
     if args.resume:
         if args.config or args.set or (args.out and Path(args.out) != Path(args.resume)):
@@ -127,18 +186,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
         out = Path(args.resume)
         if not (out / "config.toml").is_file():
             raise UserError(f"{out}: nothing to resume (no config.toml); start it with --config and --out")
+        _check_out_dir(out, "--resume")
         cfg = load_config(out / "config.toml")
     else:
         if not args.config or not args.out:
             raise UserError("run needs --config FILE and --out DIR (or --resume DIR)")
         out = Path(args.out)
-        if (out / CHECKPOINT_DIR).is_dir():
+        _check_out_dir(out, "--out")
+        cfg = load_config(args.config, args.set)
+    with run_lock(out, log=_log_stderr):  # one run per folder, until this process ends
+        if args.resume and _finished_round(out) == cfg.run.rounds:
+            print(f"{out}: already finished ({cfg.run.rounds} rounds); nothing to do, results unchanged")
+            return 0
+        if not args.resume and (out / CHECKPOINT_DIR).is_dir():
             raise UserError(
                 f"{out} already holds a run; continue it with --resume {out} or choose another --out"
             )
-        cfg = load_config(args.config, args.set)
-    workload = build_workload(cfg)
-    results = execute_run(cfg, workload, out, progress=not args.quiet, console=console)
+        workload = build_workload(cfg)
+        results = execute_run(cfg, workload, out, progress=not args.quiet, console=console)
     console.print(per_rank_table(results))
     console.print(f"wrote {out / 'results.json'}")
     return 0
@@ -152,27 +217,39 @@ def _parse_list(text: str, what: str) -> list[str]:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    """``prelort compare``, holding OUT's lock for the whole command (one writer per folder)."""
+    from prelort.lock import run_lock
+
+    out = Path(args.out)
+    _check_out_dir(out, "--out")
+    with run_lock(out, log=_log_stderr):
+        return _compare(args)
+
+
+def _compare(args: argparse.Namespace) -> int:
     from prelort.config import load_config
-    from prelort.federation.methods import METHODS
+    from prelort.federation.methods import METHODS, oracle_level
     from prelort.reporting import summarise, summary_markdown
     from prelort.reporting.files import atomic_write_text, write_json
     from prelort.reporting.summary import plot_summary
     from prelort.workloads import build_workload
 
     methods = _parse_list(args.methods, "methods")
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS and oracle_level(m) is None]
     if unknown:
-        raise UserError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise UserError(
+            f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)} or fedit-rN"
+        )
     try:
         seeds = [int(s) for s in _parse_list(args.seeds, "seeds")]
     except ValueError:
         raise UserError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
     out = Path(args.out)
-    base_cfg = load_config(args.config, args.set)
+    load_config(args.config, args.set)  # a bad config fails before any run starts
     console = _console(args.quiet)
     runs: list[dict[str, Any]] = []
-    workload = build_workload(base_cfg)
     for seed in seeds:
+        workload = None  # built on first need: the data split follows the run seed
         for method in methods:
             cfg = load_config(args.config, [*args.set, f'run.method="{method}"', f"run.seed={seed}"])
             run_dir = out / "runs" / f"{method}-seed{seed}"
@@ -181,6 +258,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                 runs.append(json.loads(existing.read_text(encoding="utf-8")))
                 console.print(f"reusing {existing}")
                 continue
+            if workload is None:
+                workload = build_workload(cfg)
             runs.append(execute_run(cfg, workload, run_dir, progress=not args.quiet, console=console))
     summary = summarise(runs)
     summary["config"] = str(args.config)
@@ -221,8 +300,7 @@ def _base_model_path(cfg: Any) -> str | None:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from prelort.adapters import export_peft_adapter
-    from prelort.federation.core import make_rule, make_scaling
-    from prelort.federation.methods import get_method
+    from prelort.federation.plan import build_plan
 
     cfg, adapter, delta = _run_artifacts(args.run)
     if delta is not None:
@@ -234,10 +312,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise UserError(
             f"--rank {args.rank} outside 1..{cfg.max_rank} (the run's levels: {cfg.clients.levels})"
         )
-    rule = make_rule(cfg, get_method(cfg.run.method))
-    rank_r = rule.downlink(adapter, args.rank)
+    plan = build_plan(cfg)
+    rank_r = plan.make_rule().downlink(adapter, args.rank)
     out = export_peft_adapter(
-        rank_r, make_scaling(cfg)(args.rank), args.out, base_model_name_or_path=_base_model_path(cfg)
+        rank_r, plan.scaling(args.rank), args.out, base_model_name_or_path=_base_model_path(cfg)
     )
     print(f"wrote PEFT adapter (rank {args.rank}) to {out}")
     return 0
@@ -247,8 +325,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from prelort.config import load_config
-    from prelort.federation.core import ServerState, make_rule
-    from prelort.federation.methods import get_method
+    from prelort.federation.core import ServerState
+    from prelort.federation.plan import build_plan
     from prelort.federation.simulator import build_nested, evaluate_per_rank
     from prelort.reporting.files import write_json
     from prelort.workloads import build_workload
@@ -278,7 +356,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         nested = build_nested(cfg, workload)
         if delta is not None:
             nested.set_base_delta(delta)
-        rule = make_rule(cfg, get_method(cfg.run.method))
+        rule = build_plan(cfg).make_rule()
         state = ServerState(round=-1, adapter=adapter, client_ranks=())
         metrics = evaluate_per_rank(nested, rule, state, levels, workload)
     print(json.dumps(metrics, indent=2))

@@ -7,6 +7,7 @@ naming the key and what to do (DESIGN.md §3: exit status 2).
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -39,6 +40,9 @@ class RunSection:
     """Seconds a client may take; a later update is dropped (0: no limit)."""
     max_update_norm: float = 0.0
     """Reject updates whose norm sqrt(sum ||A||^2 + ||B||^2) exceeds this (0: no bound)."""
+    sampling: Literal["uniform", "stratified"] = "stratified"
+    """Client sampling per round: ``uniform`` without replacement, or ``stratified``: every
+    rank level in every round when clients_per_round >= number of levels (highest first)."""
 
 
 @dataclass
@@ -72,9 +76,17 @@ class TrainSection:
     weight_decay: float = 0.0
     batch_size: int = 32
     nested_mode: Literal["all", "sample"] = "all"
-    own_weight: float | Literal["equal"] = 0.7
-    """Share of the client's own rank among its nested levels, or "equal" weights."""
+    own_weight: float | Literal["equal", "geometric"] = 0.7
+    """Share of the client's own rank among its nested levels; "equal" weights; or
+    "geometric": c_l proportional to 2^j for the j-th level (each level twice the one below)."""
+    factors: Literal["both", "b-only", "alternate"] = "both"
+    """Which LoRA factors clients train: both; B only with A frozen at its shared random
+    init (FFA-LoRA); or alternating rounds, B on odd rounds and A on even ones (RoLoRA)."""
     max_grad_norm: float | None = None
+    budget: Literal["steps", "passes"] = "passes"
+    """``steps``: every client makes ``steps`` optimiser steps; ``passes``: every client makes
+    ``steps`` forward/backward passes (a nested ``all`` client with |L_k| levels gets
+    max(1, round(steps / |L_k|)) steps), so methods are compared at matched compute."""
 
 
 @dataclass
@@ -83,7 +95,8 @@ class HetLoRASection:
 
     gamma: float = 0.99
     lam: float = 0.01
-    min_rank: int = 1
+    min_rank: int | None = None
+    """Floor of self-pruning (None: the smallest rank level)."""
 
 
 @dataclass
@@ -100,7 +113,8 @@ class SyntheticSection:
     max_examples: int = 256
     test_examples: int = 1024
     input_shift: float = 1.0
-    data_seed: int = 1234
+    data_seed: int | None = None
+    """Seed of the data (teacher, client data, test set); None: the run's seed."""
 
 
 @dataclass
@@ -134,7 +148,8 @@ class LLMSection:
     eval_batch_size: int = 8
     rouge: bool = False
     """Generate greedily and report ROUGE-L (instruction tasks)."""
-    data_seed: int = 0
+    data_seed: int | None = None
+    """Seed of the subset, partition and test split; None: the run's seed."""
 
 
 @dataclass
@@ -162,7 +177,11 @@ class Config:
         return max(self.clients.levels)
 
     def validate(self) -> None:
-        """Cross-field checks; raises ConfigError."""
+        """Cross-field checks; raises ConfigError with one line naming the key and the fix.
+
+        Every number is checked (finite, in range, consistent with the others), so no size,
+        rate or limit reaches the numerics unchecked. Pure: imports no torch.
+        """
         from prelort.federation.methods import METHODS
 
         run, cl = self.run, self.clients
@@ -170,18 +189,20 @@ class Config:
             raise ConfigError(
                 f"run.method: unknown method {run.method!r}; choose one of {', '.join(METHODS)}"
             )
-        _positive("run.rounds", run.rounds)
-        _positive("run.eval_every", run.eval_every)
-        _positive("run.clients_per_round", run.clients_per_round)
-        _positive("run.min_clients", run.min_clients)
+        _seed("run.seed", run.seed)
+        _int_at_least("run.rounds", run.rounds, 1)
+        _int_at_least("run.eval_every", run.eval_every, 1)
+        _int_at_least("run.clients_per_round", run.clients_per_round, 1)
+        _int_at_least("run.min_clients", run.min_clients, 1)
         if run.min_clients > run.clients_per_round:
             raise ConfigError(
                 f"run.min_clients = {run.min_clients} is more than run.clients_per_round = "
                 f"{run.clients_per_round}; no round could ever aggregate"
             )
-        if run.client_timeout < 0 or run.max_update_norm < 0:
-            raise ConfigError("run.client_timeout and run.max_update_norm must be >= 0 (0 disables)")
-        _positive("clients.num_clients", cl.num_clients)
+        _real("run.client_timeout", run.client_timeout, lo=0.0, hint="0 disables the limit")
+        _real("run.max_update_norm", run.max_update_norm, lo=0.0, hint="0 disables the bound")
+
+        _int_at_least("clients.num_clients", cl.num_clients, 1)
         if run.clients_per_round > cl.num_clients:
             raise ConfigError(
                 f"run.clients_per_round = {run.clients_per_round} is more than clients.num_clients = "
@@ -189,6 +210,8 @@ class Config:
             )
         if not cl.levels or any(lv <= 0 for lv in cl.levels) or sorted(set(cl.levels)) != cl.levels:
             raise ConfigError(f"clients.levels = {cl.levels} must be positive, strictly increasing ranks")
+        for i, lv in enumerate(cl.levels):
+            _int_at_least(f"clients.levels[{i}]", lv, 1)
         bad_eval = [lv for lv in run.eval_levels if lv not in cl.levels]
         if bad_eval:
             raise ConfigError(f"run.eval_levels: {bad_eval} not in clients.levels {cl.levels}")
@@ -201,38 +224,120 @@ class Config:
             bad = [r for r in cl.ranks if r not in cl.levels]
             if bad:
                 raise ConfigError(f"clients.ranks: rank(s) {bad} not in clients.levels {cl.levels}")
-        if self.lora.alpha <= 0:
-            raise ConfigError("lora.alpha must be positive")
-        if not 0 <= self.lora.dropout < 1:
-            raise ConfigError("lora.dropout must be in [0, 1)")
-        _positive("train.steps", self.train.steps)
-        _positive("train.batch_size", self.train.batch_size)
-        if self.train.lr <= 0:
-            raise ConfigError("train.lr must be positive")
-        ow = self.train.own_weight
-        if ow != "equal" and not 0 < float(ow) <= 1:
-            raise ConfigError('train.own_weight must be in (0, 1] or "equal"')
+
+        lora = self.lora
+        _real("lora.alpha", lora.alpha, lo=0.0, lo_open=True)
+        _real("lora.dropout", lora.dropout, lo=0.0, hi=1.0, hi_open=True)
+        empty = [i for i, m in enumerate(lora.target_modules) if not m.strip()]
+        if empty:
+            raise ConfigError(f"lora.target_modules[{empty[0]}] is empty; give module name suffixes")
+
+        t = self.train
+        _int_at_least("train.steps", t.steps, 1)
+        _int_at_least("train.batch_size", t.batch_size, 1)
+        _real("train.lr", t.lr, lo=0.0, lo_open=True)
+        _real("train.weight_decay", t.weight_decay, lo=0.0)
+        if t.own_weight != "equal":
+            _real("train.own_weight", float(t.own_weight), lo=0.0, hi=1.0, lo_open=True, hint='or "equal"')
+        if t.max_grad_norm is not None:
+            _real(
+                "train.max_grad_norm", t.max_grad_norm, lo=0.0, lo_open=True, hint="omit it for no clipping"
+            )
+
         h = self.hetlora
-        if not 0 < h.gamma < 1:
-            raise ConfigError("hetlora.gamma must be in (0, 1)")
+        _real("hetlora.gamma", h.gamma, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+        _real("hetlora.lam", h.lam, lo=0.0)
+        if h.min_rank is not None:
+            _int_at_least("hetlora.min_rank", h.min_rank, 1)
+            if h.min_rank > self.max_rank:
+                raise ConfigError(
+                    f"hetlora.min_rank = {h.min_rank} is above the largest rank level {self.max_rank}; "
+                    "lower it (or omit it: the smallest level)"
+                )
+
+        s = self.synthetic
+        for key in ("d_in", "hidden", "d_out", "teacher_rank", "min_examples", "test_examples"):
+            _int_at_least(f"synthetic.{key}", getattr(s, key), 1)
+        if s.max_examples < s.min_examples:
+            raise ConfigError(
+                f"synthetic.max_examples = {s.max_examples} is below synthetic.min_examples = "
+                f"{s.min_examples}; raise it"
+            )
+        _int_at_least("synthetic.max_examples", s.max_examples, 1)
+        _real("synthetic.teacher_scale", s.teacher_scale, lo=0.0, lo_open=True)
+        _real("synthetic.spectrum_decay", s.spectrum_decay, lo=0.0, hi=1.0, lo_open=True)
+        _real("synthetic.input_shift", s.input_shift, lo=0.0)
+        if s.data_seed is not None:
+            _seed("synthetic.data_seed", s.data_seed)
+
         llm = self.llm
-        _positive("llm.test_examples", llm.test_examples)
-        _positive("llm.max_length", llm.max_length)
-        _positive("llm.eval_batch_size", llm.eval_batch_size)
-        if llm.dirichlet_alpha <= 0:
-            raise ConfigError("llm.dirichlet_alpha must be positive")
+        if not llm.model.strip():
+            raise ConfigError("llm.model is empty; give an alias (smollm2-135m), a model folder or a hub id")
+        _int_at_least("llm.max_per_task", llm.max_per_task, 0, hint="0: all")
+        _int_at_least("llm.max_examples", llm.max_examples, 0, hint="0: all")
+        for key in ("max_chars", "tasks_per_client", "test_examples", "max_length", "max_new_tokens"):
+            _int_at_least(f"llm.{key}", getattr(llm, key), 1)
+        _int_at_least("llm.eval_batch_size", llm.eval_batch_size, 1)
+        _real("llm.dirichlet_alpha", llm.dirichlet_alpha, lo=0.0, lo_open=True)
+        if llm.max_examples and llm.test_examples >= llm.max_examples:
+            raise ConfigError(
+                f"llm.test_examples = {llm.test_examples} leaves no training examples out of "
+                f"llm.max_examples = {llm.max_examples}; raise llm.max_examples (or 0: all)"
+            )
+        if llm.data_seed is not None:
+            _seed("llm.data_seed", llm.data_seed)
         if self.workload.kind == "llm" and llm.source != "bbc-news" and not llm.path:
             raise ConfigError(
                 f"llm.path is required for llm.source = {llm.source!r} (a file, folder or hub id)"
             )
-        s = self.synthetic
-        if s.min_examples <= 0 or s.max_examples < s.min_examples:
-            raise ConfigError("synthetic.min_examples must be positive and <= synthetic.max_examples")
+
+
+_INT_MAX = 2**63 - 1  # TOML integers are 64-bit; so are the seeds torch and numpy take
+
+
+def _int_at_least(key: str, value: int, lo: int, hint: str = "") -> None:
+    """``value`` is an integer in [lo, 2^63 - 1]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= _INT_MAX:
+        what = "a positive integer" if lo == 1 else f"an integer >= {lo}"
+        raise ConfigError(f"{key} = {value!r} must be {what}{'; ' + hint if hint else ''}")
 
 
 def _positive(key: str, value: int) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key} = {value} must be a positive integer")
+    _int_at_least(key, value, 1)
+
+
+def _seed(key: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _INT_MAX:
+        raise ConfigError(f"{key} = {value!r} must be an integer in 0..2^63-1")
+
+
+def _real(
+    key: str,
+    value: float,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    hint: str = "",
+) -> None:
+    """``value`` is a finite number in the interval given by lo/hi (open or closed ends)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        if lo is not None and hi is not None:
+            where = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        elif lo is not None:
+            where = f"{'>' if lo_open else '>='} {lo:g}"
+        elif hi is not None:
+            where = f"{'<' if hi_open else '<='} {hi:g}"
+        else:
+            where = ""
+        what = f"a finite number {where}".rstrip()
+        raise ConfigError(f"{key} = {value!r} must be {what}{'; ' + hint if hint else ''}")
 
 
 # -- parsing -----------------------------------------------------------------------------------
@@ -331,6 +436,13 @@ def config_from_dict(data: dict[str, Any], overrides: typing.Sequence[str] = ())
         node[path[-1]] = value
     cfg: Config = _build(Config, merged)
     cfg.validate()
+    # resolved once here, so the saved config.toml names the data seed a run used
+    if cfg.synthetic.data_seed is None:
+        cfg.synthetic.data_seed = cfg.run.seed
+    if cfg.llm.data_seed is None:
+        cfg.llm.data_seed = cfg.run.seed
+    if cfg.hetlora.min_rank is None:
+        cfg.hetlora.min_rank = min(cfg.clients.levels)
     return cfg
 
 

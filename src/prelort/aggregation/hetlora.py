@@ -1,14 +1,40 @@
-"""HetLoRA: zero-padding and sparsity-weighted aggregation.
+"""HetLoRA: zero-padding and sparsity-weighted aggregation (Cho et al., EMNLP 2024, §3).
 
 Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models",
-EMNLP 2024. Each client's factors are zero-padded to R and averaged with weights
+EMNLP 2024 (arXiv 2401.06432), §3 and its Figure 2:
 
-    p_k = ||dW_k||_F / sum_j ||dW_j||_F,   dW_k = s(r_k) B_k A_k   (per module),
+1. Zero-padding. Each client's factors (B_k, A_k) of rank r_k are padded with zeros to R.
+2. Sparsity-weighted aggregation. The padded factors are averaged with the weights
 
-so clients whose update carries more energy (less sparse) weigh more. Clients receive the
-truncation of the global factors to their rank; their local rank self-pruning lives in
-``prelort.training.hetlora``. Rank rows no client of the round holds become zero (the
-zero padding), as in the paper.
+       p_k = ||S_k||_F / Z,   S_k = dW_k = s(r_k) B_k A_k (per module),   Z = sum_j ||S_j||_F,
+
+   so clients whose update carries more energy (is less sparse) weigh more. The weights do
+   not depend on n_k.
+3. Truncation. Clients receive the global factors truncated to their rank. Their local rank
+   self-pruning lives in ``prelort.training.hetlora``.
+
+Deviations: the paper's dW_k = B_k A_k has no LoRA scaling. We weigh the update that the client
+actually applies, s(r_k) B_k A_k. This is the same whenever s does not depend on the rank
+(fixed scaling), because a common factor cancels in p_k. If every update is zero, the weights
+fall back to the data weights n_k / n (the paper's formula is 0/0 there).
+
+Zero-padding collapse. Rank rows that no client of the round owns (rows r >= max_k r_k) come
+out as A[r] = 0 and B[:, r] = 0, as in the paper. Such a row is a stationary point of local
+training. With h = A x, the gradients of a loss L through B A are
+
+    dL/dB[:, r] = sum over the batch of (dL/dy) h_r = 0,   because h_r = A[r] x = 0
+    dL/dA[r]    = sum over the batch of (B[:, r]^T dL/dy) x^T = 0,   because B[:, r] = 0
+
+The tail regulariser's subgradient at a zero tail is zero, and weight decay keeps zero at
+zero. So no client ever moves that row again, and after one round without an owner the row
+is dead for the rest of the run. A row where only one of the two factors is zero would
+recover. Under zero-padding, both are zero. Self-pruning can leave rows unowned in the
+same way (a pruned rank-R client no longer sends row R - 1); that is the paper's intended
+effect. Sampling that misses a rank level would do it by accident, and dead rows also starve
+the larger-rank clients of later rounds. This is why the benchmark configs use stratified
+sampling (``run.sampling = "stratified"``), which puts every rank level in every round.
+Rows owned by only some clients are also diluted: the owners' weights sum to less than 1. The
+segment rule avoids that.
 """
 
 from __future__ import annotations
@@ -44,7 +70,11 @@ def sparsity_weights(updates: Sequence[ClientUpdate], name: str, scale: list[flo
 
 @register("hetlora")
 class HetLoRA(AggregationRule):
-    """Sparsity-weighted average of zero-padded client factors."""
+    """Sparsity-weighted average of zero-padded client factors (paper §3, Figure 2).
+
+    Rows no client of the round owns become zero and stay zero for good; see the module
+    docstring (use ``run.sampling = "stratified"``).
+    """
 
     name = "hetlora"
 

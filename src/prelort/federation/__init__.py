@@ -1,18 +1,29 @@
-"""Federation: framework-free client/server steps and the in-process simulator."""
+"""Federation: the run plan, the round driver, client/server steps and the in-process simulator.
 
-from prelort.federation.core import ClientResult, ServerState, client_update, server_update
-from prelort.federation.methods import METHODS, MethodSpec, get_method
-from prelort.federation.simulator import run_simulation
-from prelort.federation.workload import Workload
+Names are imported lazily so that ``prelort.federation.methods`` (used by the pure config
+validation) does not pull in torch.
+"""
 
-__all__ = [
-    "METHODS",
-    "ClientResult",
-    "MethodSpec",
-    "ServerState",
-    "Workload",
-    "client_update",
-    "get_method",
-    "run_simulation",
-    "server_update",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "METHODS": "prelort.federation.methods",
+    "MethodSpec": "prelort.federation.methods",
+    "get_method": "prelort.federation.methods",
+    "ClientResult": "prelort.federation.core",
+    "ServerState": "prelort.federation.core",
+    "client_update": "prelort.federation.core",
+    "server_update": "prelort.federation.core",
+    "run_simulation": "prelort.federation.simulator",
+    "Workload": "prelort.federation.workload",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'prelort.federation' has no attribute {name!r}")

@@ -1,45 +1,101 @@
-"""The global model a run leaves behind: ``global_adapter.safetensors`` (+ FLoRA's base delta)."""
+"""The global model a run leaves behind: ``global_adapter.safetensors`` (+ FLoRA's base delta).
+
+Both files carry a SHA-256 of their tensors (keys, dtypes, shapes, bytes) in the safetensors
+metadata, written atomically (``reporting.files.atomic_write_bytes``) and checked on every
+load, so ``prelort export`` / ``eval`` refuse a damaged file instead of using its bytes.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 
-from prelort.adapters.state import Adapter, LoRAPair, load_adapter, save_adapter
+from prelort.adapters.state import Adapter, LoRAPair
 from prelort.federation.core import ServerState
+from prelort.reporting.files import atomic_write_bytes
 
 ADAPTER_FILE = "global_adapter.safetensors"
 BASE_DELTA_FILE = "base_delta.safetensors"
+_LEGACY_METADATA = {"round"}
+"""Files written before checksums had only this metadata; they are read unverified."""
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors: keys, dtypes, shapes and bytes, in key order."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], round_: int) -> None:
+    from safetensors.torch import save as safetensors_bytes
+
+    meta = {"round": str(round_), "sha256": tensors_sha256(tensors)}
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=meta))
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``path`` after checking their checksum; ValueError naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:  # type: ignore[no-untyped-call]
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(
+            f"{path}: damaged file ({type(exc).__name__}: {exc}); run the training again"
+        ) from None
+    if set(metadata) <= _LEGACY_METADATA:
+        return tensors
+    expected = metadata.get("sha256")
+    if expected is None or expected != tensors_sha256(tensors):
+        raise ValueError(
+            f"{path}: damaged file (its tensors do not match their checksum); run the training again"
+        )
+    return tensors
 
 
 def save_global(out_dir: str | Path, state: ServerState) -> None:
     """Write the global adapter at rank R and, if any, the merged base-weight deltas."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_adapter(state.adapter, out / ADAPTER_FILE, metadata={"round": str(state.round)})
+    tensors: dict[str, torch.Tensor] = {}
+    for name, pair in state.adapter.items():
+        tensors[f"{name}.A"] = pair.A.detach().contiguous().float()
+        tensors[f"{name}.B"] = pair.B.detach().contiguous().float()
+    _write(out / ADAPTER_FILE, tensors, state.round)
     if state.base_delta is not None:
         # stored as a rank-less "adapter" with B = delta, A = I would be wasteful: plain tensors
-        from safetensors.torch import save_file
-
-        tmp = out / f".{BASE_DELTA_FILE}.tmp"
-        save_file({k: v.contiguous().float() for k, v in state.base_delta.items()}, str(tmp))
-        tmp.replace(out / BASE_DELTA_FILE)
+        delta = {k: v.detach().contiguous().float() for k, v in state.base_delta.items()}
+        _write(out / BASE_DELTA_FILE, delta, state.round)
 
 
 def load_global(run_dir: str | Path) -> tuple[Adapter, dict[str, torch.Tensor] | None]:
-    """Read what ``save_global`` wrote; ValueError with a clear message if it is missing."""
+    """Read and verify what ``save_global`` wrote; ValueError with a clear message otherwise."""
     run = Path(run_dir)
     path = run / ADAPTER_FILE
     if not path.is_file():
         raise ValueError(f"{run}: no {ADAPTER_FILE}; pass the --out folder of a finished `prelort run`")
-    adapter = load_adapter(path)
+    tensors = _read(path)
+    names = {k.rsplit(".", 1)[0] for k in tensors}
+    try:
+        adapter = {n: LoRAPair(tensors[f"{n}.A"], tensors[f"{n}.B"]) for n in sorted(names)}
+    except KeyError as exc:
+        raise ValueError(f"{path}: adapter file misses tensor {exc}; run the training again") from None
+    except ValueError as exc:  # factors of different ranks or dimensions
+        raise ValueError(f"{path}: {exc}; run the training again") from None
+    if not adapter:
+        raise ValueError(f"{path}: adapter file holds no tensors; run the training again")
     delta = None
     if (run / BASE_DELTA_FILE).is_file():
-        from safetensors.torch import load_file
-
-        delta = load_file(str(run / BASE_DELTA_FILE))
+        delta = _read(run / BASE_DELTA_FILE)
     return adapter, delta
 
 
-__all__ = ["ADAPTER_FILE", "BASE_DELTA_FILE", "LoRAPair", "load_global", "save_global"]
+__all__ = ["ADAPTER_FILE", "BASE_DELTA_FILE", "LoRAPair", "load_global", "save_global", "tensors_sha256"]

@@ -1,25 +1,34 @@
-"""Atomic per-round checkpoints of the server state and the results so far.
+"""Atomic, checksummed per-round checkpoints of the server state and the results so far.
 
 Layout in the run directory::
 
     checkpoints/round-000012/state.safetensors   adapter A/B (+ FLoRA base deltas)
     checkpoints/round-000012/state.json          round, client ranks, results so far,
-                                                 config fingerprint, tensor checksum
-    checkpoints/LATEST                           name of the newest complete checkpoint
+                                                 config fingerprint, checksums
+    checkpoints/LATEST                           name of the newest committed checkpoint
 
-A checkpoint folder is written under a temporary name, every file fsynced, then renamed;
-LATEST is replaced atomically last. The two newest checkpoints are kept, so a damaged newest
-one (a truncated file) falls back to the previous one. Client randomness is derived from
+A checkpoint folder is written under a temporary name (``.round-000012.XXXX``), every file
+fsynced, then renamed; LATEST is replaced atomically last (``reporting.files``, the one
+atomic-write helper). ``state.json`` carries the SHA-256 of ``state.safetensors`` and a
+SHA-256 of its own content, so everything a resume restores is covered by a checksum.
+
+Loading tries the checkpoint LATEST names first, then the others newest first: one that
+fails the schema check, a checksum or the config fingerprint is skipped with a logged line
+(the two newest are kept, so a damaged newest one falls back to the previous one); none
+usable is a one-line ``CheckpointError``. Temporary files and folders left by a killed
+writer are removed when a run starts in the folder. Client randomness is derived from
 (seed, round, client) and the rule's from (seed, round), so no RNG state needs saving.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import os
+import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +38,21 @@ from prelort.adapters.state import LoRAPair
 from prelort.config import Config, config_to_dict, dump_toml
 from prelort.errors import UserError
 from prelort.federation.core import ServerState
+from prelort.reporting.files import atomic_write_bytes, atomic_write_text, fsync_dir
 
 CHECKPOINT_DIR = "checkpoints"
 KEEP = 2
+FORMAT = 2
+STATE_FILE = "state.json"
+TENSORS_FILE = "state.safetensors"
+LATEST_FILE = "LATEST"
+_NAME = re.compile(r"round-(\d{6,})")
+_KNOWN_FIELDS = ("round", "adapter", "client_ranks", "base_delta", "broadcast_bytes")
+"""ServerState fields stored by name; any other field is stored generically under ``extra``."""
 
 
 class CheckpointError(UserError):
-    """A checkpoint that cannot be used: missing, truncated, or from another configuration."""
+    """A checkpoint that cannot be used: missing, damaged, or from another configuration."""
 
 
 def config_fingerprint(cfg: Config) -> str:
@@ -43,105 +60,270 @@ def config_fingerprint(cfg: Config) -> str:
     return hashlib.sha256(dump_toml(config_to_dict(cfg)).encode()).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _tensors(state: ServerState) -> dict[str, torch.Tensor]:
-    out = {}
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of ``meta`` without its own ``sha256`` entry."""
+    return hashlib.sha256(_canonical({k: v for k, v in meta.items() if k != "sha256"})).hexdigest()
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
+    )
+
+
+def _encode(state: ServerState) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
+    """Tensors to store, JSON-able extra fields, and the names of tensor-dict extra fields."""
+    tensors: dict[str, torch.Tensor] = {}
     for name, pair in state.adapter.items():
-        out[f"adapter/{name}/A"] = pair.A.detach().contiguous().float()
-        out[f"adapter/{name}/B"] = pair.B.detach().contiguous().float()
+        tensors[f"adapter/{name}/A"] = pair.A.detach().contiguous().float()
+        tensors[f"adapter/{name}/B"] = pair.B.detach().contiguous().float()
     for name, delta in (state.base_delta or {}).items():
-        out[f"base_delta/{name}"] = delta.detach().contiguous().float()
-    return out
-
-
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        h.update(key.encode())
-        h.update(tensors[key].numpy().tobytes())
-    return h.hexdigest()
+        tensors[f"base_delta/{name}"] = delta.detach().contiguous().float()
+    extra: dict[str, Any] = {}
+    tensor_fields: list[str] = []
+    for f in dataclasses.fields(state):
+        if f.name in _KNOWN_FIELDS:
+            continue
+        value = getattr(state, f.name)
+        if _is_tensor_dict(value):
+            tensor_fields.append(f.name)
+            for key, t in value.items():
+                tensors[f"extra/{f.name}/{key}"] = t.detach().contiguous()
+            continue
+        try:
+            extra[f.name] = json.loads(json.dumps(value))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"checkpoint cannot store ServerState.{f.name}: {exc}") from None
+    return tensors, extra, tensor_fields
 
 
 def save_checkpoint(
     run_dir: str | Path, state: ServerState, rounds: list[dict[str, Any]], cfg: Config
 ) -> Path:
     """Write the checkpoint of ``state`` (after round ``state.round``) atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = f"round-{state.round:06d}"
+    tensors, extra, tensor_fields = _encode(state)
+    blob = safetensors_bytes(tensors)
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "round": state.round,
+        "client_ranks": list(state.client_ranks),
+        "broadcast_bytes": state.broadcast_bytes,
+        "has_base_delta": state.base_delta is not None,
+        "extra": extra,
+        "extra_tensors": tensor_fields,
+        "rounds": rounds,
+        "config_sha256": config_fingerprint(cfg),
+        "files": {TENSORS_FILE: hashlib.sha256(blob).hexdigest()},
+    }
+    meta = json.loads(json.dumps(meta))  # the form it is read back in (e.g. int dict keys -> str)
+    meta["sha256"] = _meta_digest(meta)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    final = root / name
     try:
-        tensors = _tensors(state)
-        save_file(tensors, str(tmp / "state.safetensors"))
-        meta = {
-            "round": state.round,
-            "client_ranks": list(state.client_ranks),
-            "broadcast_bytes": state.broadcast_bytes,
-            "has_base_delta": state.base_delta is not None,
-            "rounds": rounds,
-            "config_sha256": config_fingerprint(cfg),
-            "tensors_sha256": _checksum(tensors),
-        }
-        (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        final = root / name
+        atomic_write_bytes(tmp / TENSORS_FILE, blob)
+        atomic_write_text(tmp / STATE_FILE, json.dumps(meta))
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        tmp.replace(final)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    latest_tmp = root / ".LATEST.tmp"
-    latest_tmp.write_text(name, encoding="utf-8")
-    with open(latest_tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(latest_tmp, root / "LATEST")
-    for old in sorted(p for p in root.glob("round-*") if p.is_dir())[:-KEEP]:
+    atomic_write_text(root / LATEST_FILE, name)
+    for old in _folders(root)[KEEP:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _folders(root: Path) -> list[Path]:
+    """Complete checkpoint folders, newest first."""
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _schema_problem(meta: Any, cfg: Config, folder_round: int) -> str | None:
+    """What is wrong with the shape of ``state.json`` (None: nothing)."""
+    if not isinstance(meta, dict):
+        return f"{STATE_FILE} holds a {type(meta).__name__}, not an object"
+    required: dict[str, tuple[type, ...]] = {
+        "format": (int,),
+        "round": (int,),
+        "client_ranks": (list,),
+        "broadcast_bytes": (int,),
+        "has_base_delta": (bool,),
+        "extra": (dict,),
+        "extra_tensors": (list,),
+        "rounds": (list,),
+        "config_sha256": (str,),
+        "files": (dict,),
+        "sha256": (str,),
+    }
+    for key, types_ in required.items():
+        if key not in meta:
+            return f"{STATE_FILE} misses key {key!r}"
+        value = meta[key]
+        if not isinstance(value, types_) or (types_ == (int,) and isinstance(value, bool)):
+            return f"{STATE_FILE}: {key!r} is a {type(value).__name__}, expected {types_[0].__name__}"
+    if meta["format"] != FORMAT:
+        return f"checkpoint format {meta['format']} (this prelort reads format {FORMAT})"
+    if meta["round"] < 0 or meta["round"] != folder_round:
+        return f"{STATE_FILE}: round {meta['round']} does not match the folder (round {folder_round})"
+    if meta["broadcast_bytes"] < 0:
+        return f"{STATE_FILE}: negative broadcast_bytes"
+    ranks = meta["client_ranks"]
+    n, top = cfg.clients.num_clients, cfg.max_rank
+    if len(ranks) != n or not all(_is_int(r) and 1 <= r <= top for r in ranks):
+        return f"{STATE_FILE}: client_ranks must be {n} integers in 1..{top}, got {ranks!r:.80}"
+    rounds = meta["rounds"]
+    if not rounds or not all(isinstance(r, dict) and _is_int(r.get("round")) for r in rounds):
+        return f"{STATE_FILE}: rounds must be a non-empty list of records with an integer 'round'"
+    numbers = [r["round"] for r in rounds]
+    if numbers != sorted(set(numbers)) or numbers[-1] != meta["round"]:
+        return f"{STATE_FILE}: rounds {numbers[:3]}...{numbers[-1:]} do not end at round {meta['round']}"
+    if set(meta["files"]) != {TENSORS_FILE} or not all(isinstance(v, str) for v in meta["files"].values()):
+        return f"{STATE_FILE}: 'files' must name {TENSORS_FILE} and its checksum"
+    if not all(isinstance(x, str) for x in meta["extra_tensors"]):
+        return f"{STATE_FILE}: 'extra_tensors' must be field names"
+    return None
+
+
 def _read(folder: Path, cfg: Config) -> tuple[ServerState, list[dict[str, Any]]]:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load as safetensors_load
 
+    m = _NAME.fullmatch(folder.name)
+    folder_round = int(m.group(1)) if m else -1
     try:
-        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        tensors = load_file(str(folder / "state.safetensors"))
-    except (OSError, ValueError, SafetensorError) as exc:
+        meta = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        blob = (folder / TENSORS_FILE).read_bytes()
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or UTF-8
         raise CheckpointError(f"{folder}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
-    if meta.get("config_sha256") != config_fingerprint(cfg):
+    problem = _schema_problem(meta, cfg, folder_round)
+    if problem is not None:
+        raise CheckpointError(f"{folder}: unreadable checkpoint ({problem})")
+    if meta["sha256"] != _meta_digest(meta):
+        raise CheckpointError(f"{folder}: {STATE_FILE} does not match its checksum (damaged file)")
+    if meta["config_sha256"] != config_fingerprint(cfg):
         raise CheckpointError(
             f"{folder}: checkpoint was written by a different configuration; resume with the run's own "
             "config.toml or start a new --out folder"
         )
-    if meta.get("tensors_sha256") != _checksum(tensors):
-        raise CheckpointError(f"{folder}: checkpoint tensors do not match their checksum (damaged file)")
-    adapter = {}
-    names = sorted({k.split("/")[1] for k in tensors if k.startswith("adapter/")})
+    if meta["files"][TENSORS_FILE] != hashlib.sha256(blob).hexdigest():
+        raise CheckpointError(f"{folder}: {TENSORS_FILE} does not match its checksum (damaged file)")
+    try:
+        tensors = safetensors_load(blob)
+        state = _decode(meta, tensors)
+    except (SafetensorError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{folder}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
+    return state, list(meta["rounds"])
+
+
+def _decode(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> ServerState:
+    """The ServerState of a checkpoint whose schema and checksums were checked."""
+    adapter: dict[str, LoRAPair] = {}
+    base: dict[str, torch.Tensor] = {}
+    extra_t: dict[str, dict[str, torch.Tensor]] = {f: {} for f in meta["extra_tensors"]}
+    for key, t in tensors.items():
+        kind, _, rest = key.partition("/")
+        if kind == "adapter" and rest.endswith(("/A", "/B")):
+            continue
+        if kind == "base_delta" and rest:
+            base[rest] = t
+        elif kind == "extra" and rest.partition("/")[0] in extra_t:
+            field, _, sub = rest.partition("/")
+            extra_t[field][sub] = t
+        else:
+            raise ValueError(f"unexpected tensor {key!r}")
+    names = sorted(
+        {k.removeprefix("adapter/").rsplit("/", 1)[0] for k in tensors if k.startswith("adapter/")}
+    )
+    if not names:
+        raise ValueError("no adapter tensors")
     for name in names:
         adapter[name] = LoRAPair(tensors[f"adapter/{name}/A"], tensors[f"adapter/{name}/B"])
-    base = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("base_delta/")}
-    state = ServerState(
-        round=int(meta["round"]),
+    if base and not meta["has_base_delta"]:
+        raise ValueError("base_delta tensors but has_base_delta is false")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(ServerState):
+        if f.name in _KNOWN_FIELDS:
+            continue
+        if f.name in extra_t:
+            kwargs[f.name] = extra_t[f.name]
+        elif f.name in meta["extra"]:
+            value = meta["extra"][f.name]
+            default = _default(f)
+            kwargs[f.name] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+        elif _default(f) is dataclasses.MISSING:
+            raise KeyError(f"ServerState.{f.name} is not in the checkpoint")
+    return ServerState(
+        round=meta["round"],
         adapter=adapter,
-        client_ranks=tuple(int(r) for r in meta["client_ranks"]),
-        base_delta=base if meta.get("has_base_delta") else None,
-        broadcast_bytes=int(meta.get("broadcast_bytes", 0)),
+        client_ranks=tuple(meta["client_ranks"]),
+        base_delta=base if meta["has_base_delta"] else None,
+        broadcast_bytes=meta["broadcast_bytes"],
+        **kwargs,
     )
-    return state, list(meta["rounds"])
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def clean_temporary(run_dir: str | Path, log: Callable[[str], Any] | None = None) -> list[Path]:
+    """Remove what a killed writer left in ``run_dir``: ``.round-*`` folders and ``.*.tmp`` files.
+
+    Only safe while no other process writes to ``run_dir`` (``prelort.lock.run_lock``).
+    """
+    run = Path(run_dir)
+    removed: list[Path] = []
+    for folder in (run, run / CHECKPOINT_DIR):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.name.startswith(".round-") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+                p.unlink(missing_ok=True)
+            else:
+                continue
+            removed.append(p)
+            if log is not None:
+                log(f"removed {p} (left by an interrupted run)")
+    return removed
+
+
+def _latest_first(root: Path, folders: list[Path], log: Callable[[str], Any] | None) -> list[Path]:
+    """``folders`` with the one LATEST names (the last committed checkpoint) first."""
+    latest = root / LATEST_FILE
+    if not latest.is_file():
+        return folders
+    try:
+        name = latest.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        if log is not None:
+            log(f"ignoring unreadable {latest} ({exc})")
+        return folders
+    named = [p for p in folders if p.name == name]
+    if not named and log is not None:
+        log(f"{latest} names {name[:40]!r}, which is not a checkpoint folder; using the newest one")
+    return named + [p for p in folders if p.name != name]
 
 
 def load_checkpoint(
@@ -149,20 +331,24 @@ def load_checkpoint(
 ) -> tuple[ServerState, list[dict[str, Any]]] | None:
     """The newest usable checkpoint (falling back to older ones), or None if there is none.
 
-    Raises CheckpointError if checkpoints exist but none is usable.
+    Temporary leftovers of a killed writer are removed first. Raises CheckpointError (one
+    line) if checkpoints exist but none is usable.
     """
     root = Path(run_dir) / CHECKPOINT_DIR
+    clean_temporary(run_dir, log)
     if not root.is_dir():
         return None
-    candidates = sorted((p for p in root.glob("round-*") if p.is_dir()), reverse=True)
+    candidates = _latest_first(root, _folders(root), log)
     if not candidates:
         return None
-    errors = []
+    errors: list[str] = []
     for folder in candidates:
         try:
             return _read(folder, cfg)
         except CheckpointError as exc:
-            errors.append(str(exc))
+            errors.append(f"{folder.name}: {str(exc).removeprefix(f'{folder}: ')}")
             if log is not None:
-                log(f"skipping checkpoint: {exc}")
-    raise CheckpointError(errors[0] if len(errors) == 1 else f"no usable checkpoint: {errors[0]}")
+                log(f"skipping checkpoint {folder}: {str(exc).removeprefix(f'{folder}: ')}")
+    raise CheckpointError(
+        f"{root}: no usable checkpoint ({'; '.join(errors)}); start the run again in a new --out folder"
+    )

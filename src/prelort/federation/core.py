@@ -2,79 +2,23 @@
 
 ``client_update`` is one client's round (receive prefix, train, return prefix) and
 ``server_update`` one aggregation; the simulator and ``prelort.flower`` both call them, so
-the two paths cannot drift (STYLE.md, habit 1).
+the paths cannot drift (docs/design.md §6).
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 
 from prelort.adapters.nested import NestedLoRA
-from prelort.adapters.state import Adapter, Scaling, init_adapter
-from prelort.aggregation.base import (
-    AggregationResult,
-    AggregationRule,
-    ClientUpdate,
-    RuleOptions,
-    get_rule,
-)
-from prelort.config import Config
-from prelort.federation.methods import MethodSpec, get_method
+from prelort.adapters.state import Adapter, init_adapter
+from prelort.aggregation.base import AggregationResult, AggregationRule, ClientUpdate
+from prelort.federation.plan import RunPlan, generator_for
 from prelort.federation.workload import Workload
 from prelort.training.hetlora import make_regulariser, pruned_rank, tail_norm
-from prelort.training.local import LocalTrainConfig, TrainStats, train_local
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A stable 63-bit seed from parts (same in every process and platform)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def generator_for(*parts: int | str) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(*parts))
-
-
-def assign_ranks(cfg: Config) -> list[int]:
-    """Rank capacity r_k per client: explicit list, or drawn from the levels.
-
-    ``cycle`` assigns levels round-robin (equal counts), ``uniform`` draws each client's level
-    uniformly, ``heavy-tail`` draws level j with probability proportional to 2^-j (most
-    clients small).
-    """
-    cl = cfg.clients
-    if cl.ranks is not None:
-        return list(cl.ranks)
-    levels = cl.levels
-    if cl.rank_distribution == "cycle":
-        return [levels[k % len(levels)] for k in range(cl.num_clients)]
-    rng = np.random.default_rng(derive_seed(cfg.run.seed, "ranks"))
-    if cl.rank_distribution == "uniform":
-        probs = np.full(len(levels), 1.0 / len(levels))
-    else:
-        w = 0.5 ** np.arange(len(levels))
-        probs = w / w.sum()
-    return [int(levels[i]) for i in rng.choice(len(levels), size=cl.num_clients, p=probs)]
-
-
-def effective_ranks(method: MethodSpec, capacities: Sequence[int], levels: Sequence[int]) -> list[int]:
-    """The rank each client trains at: its capacity, or FedIT's common rank."""
-    if method.homogeneous == "min":
-        return [min(levels)] * len(capacities)
-    if method.homogeneous == "max":
-        return [max(levels)] * len(capacities)
-    return list(capacities)
-
-
-def sample_clients(seed: int, round_: int, num_clients: int, per_round: int) -> list[int]:
-    """The sorted client ids of a round, from a generator seeded by (seed, round)."""
-    rng = np.random.default_rng(derive_seed(seed, "sample", round_))
-    return sorted(int(k) for k in rng.choice(num_clients, size=per_round, replace=False))
+from prelort.training.local import TrainStats, train_local
 
 
 @dataclass(frozen=True)
@@ -97,33 +41,10 @@ class ClientResult:
     stats: TrainStats
 
 
-def make_rule(cfg: Config, method: MethodSpec) -> AggregationRule:
-    scaling = make_scaling(cfg)
-    return get_rule(method.rule, RuleOptions(scaling=scaling, seed=cfg.run.seed))
-
-
-def make_scaling(cfg: Config) -> Scaling:
-    return Scaling(cfg.lora.scaling, cfg.lora.alpha, cfg.max_rank)
-
-
-def local_config(cfg: Config, method: MethodSpec) -> LocalTrainConfig:
-    t = cfg.train
-    return LocalTrainConfig(
-        steps=t.steps,
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        mode=t.nested_mode if method.nested else "plain",
-        own_weight=None if t.own_weight == "equal" else float(t.own_weight),
-        max_grad_norm=t.max_grad_norm,
-    )
-
-
-def initial_state(cfg: Config, shapes: dict[str, tuple[int, int]]) -> ServerState:
+def initial_state(plan: RunPlan, shapes: dict[str, tuple[int, int]]) -> ServerState:
     """Round-0 state: a fresh rank-R adapter (A random, B = 0) from the run's seed."""
-    method = get_method(cfg.run.method)
-    ranks = effective_ranks(method, assign_ranks(cfg), cfg.clients.levels)
-    adapter = init_adapter(shapes, cfg.max_rank, generator_for(cfg.run.seed, "init"))
-    return ServerState(round=0, adapter=adapter, client_ranks=tuple(ranks))
+    adapter = init_adapter(shapes, plan.max_rank, generator_for(plan.seed, "init"))
+    return ServerState(round=0, adapter=adapter, client_ranks=plan.ranks)
 
 
 def client_update(
@@ -132,7 +53,7 @@ def client_update(
     *,
     client_id: int,
     round_: int,
-    cfg: Config,
+    plan: RunPlan,
     workload: Workload,
 ) -> ClientResult:
     """One client's round: load the received prefix, train locally, return the prefix.
@@ -141,21 +62,21 @@ def client_update(
     after self-pruning. Randomness (batches, sampled levels) comes from a generator seeded by
     (seed, round, client), so any process computes the same update.
     """
-    method = get_method(cfg.run.method)
+    method, h = plan.method, plan.cfg.hetlora
     rank = next(iter(received.values())).rank
     nested.set_adapter(received)
     nested.set_rank(rank)
-    gen = generator_for(cfg.run.seed, "client", round_, client_id)
+    gen = generator_for(plan.seed, "client", round_, client_id)
     batches = workload.batches(client_id, gen)
-    train_cfg = local_config(cfg, method)
-    h = cfg.hetlora
-    regulariser = make_regulariser(h.lam, h.gamma) if method.self_prune else None
-    before = float(tail_norm(nested, rank, h.gamma).detach()) if method.self_prune else 0.0
-    stats = train_local(nested, rank, cfg.clients.levels, batches, workload.loss, train_cfg, gen, regulariser)
+    train_cfg = plan.local_config(rank, round_)
+    floor = h.min_rank if h.min_rank is not None else min(plan.levels)
+    regulariser = make_regulariser(h.lam, h.gamma, min_rank=floor) if method.self_prune else None
+    before = float(tail_norm(nested, rank, h.gamma, min_rank=floor).detach()) if method.self_prune else 0.0
+    stats = train_local(nested, rank, plan.levels, batches, workload.loss, train_cfg, gen, regulariser)
     new_rank = rank
     if method.self_prune:
-        after = float(tail_norm(nested, rank, h.gamma).detach())
-        new_rank = pruned_rank(rank, before, after, h.gamma, h.min_rank)
+        after = float(tail_norm(nested, rank, h.gamma, min_rank=floor).detach())
+        new_rank = pruned_rank(rank, before, after, h.gamma, floor)
     update = ClientUpdate(
         adapter=nested.get_adapter(new_rank),
         rank=new_rank,

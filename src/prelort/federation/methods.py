@@ -1,27 +1,39 @@
 """The methods a run can use: an aggregation rule plus what clients do locally.
 
-One table, no dispatch on names elsewhere: the simulator and the Flower app read the spec.
+One table, no dispatch on names elsewhere: the run plan reads the spec. Pure Python (no
+torch), so config validation can check method names without importing the numerics.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
+
+Family = Literal["rank-limited", "merged", "homogeneous"]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """How a method trains and aggregates."""
+    """How a method trains and aggregates, and what its per-rank column means.
+
+    ``family`` (docs/design.md §4): ``rank-limited`` methods evaluate a rank-r adapter at
+    level r; ``merged`` (FLoRA) evaluates the merged full model at every level;
+    ``homogeneous`` (FedIT) trains every client at one rank and is a reference.
+    """
 
     name: str
     rule: str
     """Aggregation rule in ``prelort.aggregation.RULES``."""
+    family: Family = "rank-limited"
     nested: bool = False
     """Prefix-nested local training (PreLort)."""
     self_prune: bool = False
     """HetLoRA's local rank self-pruning with its regulariser."""
-    homogeneous: Literal["min", "max"] | None = None
-    """FedIT: every client at the smallest or largest level instead of its own rank."""
+    homogeneous: Literal["min", "max", "level"] | None = None
+    """FedIT: every client at the smallest, the largest or a given level (``level``)."""
+    level: int | None = None
+    """The common rank of a ``fedit-rN`` oracle."""
     summary: str = ""
 
 
@@ -37,15 +49,43 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("segment", "segment", summary="segment-wise aggregation, plain local training"),
         MethodSpec("hetlora", "hetlora", self_prune=True, summary="HetLoRA (Cho et al. 2024)"),
         MethodSpec("flexlora", "flexlora", summary="FlexLoRA (Bai et al. 2024)"),
-        MethodSpec("flora", "flora", summary="FLoRA (Wang et al. 2024)"),
-        MethodSpec("fedit", "fedit", homogeneous="min", summary="FedIT, every client at r_min"),
-        MethodSpec("fedit-max", "fedit", homogeneous="max", summary="FedIT, every client at r_max"),
+        MethodSpec("flora", "flora", family="merged", summary="FLoRA (Wang et al. 2024)"),
+        MethodSpec(
+            "fedit", "fedit", family="homogeneous", homogeneous="min", summary="FedIT, every client at r_min"
+        ),
+        MethodSpec(
+            "fedit-max",
+            "fedit",
+            family="homogeneous",
+            homogeneous="max",
+            summary="FedIT, every client at r_max",
+        ),
     )
 }
 
+_ORACLE = re.compile(r"fedit-r([1-9][0-9]*)")
+
+
+def oracle_level(name: str) -> int | None:
+    """N for the rank-N oracle ``fedit-rN`` (every client at rank N, all data), else None."""
+    match = _ORACLE.fullmatch(name)
+    return int(match.group(1)) if match else None
+
 
 def get_method(name: str) -> MethodSpec:
-    try:
+    """The spec of a method name: a ``METHODS`` entry or an oracle ``fedit-rN``."""
+    if name in METHODS:
         return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+    level = oracle_level(name)
+    if level is not None:
+        return MethodSpec(
+            name,
+            "fedit",
+            family="homogeneous",
+            homogeneous="level",
+            level=level,
+            summary=f"FedIT oracle, every client at rank {level}",
+        )
+    raise ValueError(
+        f"unknown method {name!r}; choose one of {', '.join(METHODS)} or fedit-rN (N a rank level)"
+    )

@@ -117,11 +117,13 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """``client_update`` on the received prefix; reply with the trained prefix and n_k."""
     from prelort.federation.core import client_update
+    from prelort.federation.plan import build_plan
     from prelort.flower.records import ADAPTER, METRICS, adapter_to_record
 
     cfg, client_id, server_round, worker, received = _setup(msg, context)
+    plan = build_plan(cfg)
     res = client_update(
-        worker.nested, received, client_id=client_id, round_=server_round, cfg=cfg, workload=worker.workload
+        worker.nested, received, client_id=client_id, round_=server_round, plan=plan, workload=worker.workload
     )
     metrics = MetricRecord(
         {
@@ -129,6 +131,9 @@ def train(msg: Message, context: Context) -> Message:
             "rank": res.update.rank,
             "num-examples": res.update.num_examples,
             "train-loss": float(res.stats.loss),
+            "steps": res.stats.steps,
+            "passes": res.stats.passes,
+            "examples": res.stats.examples,
         }
     )
     return Message(

@@ -466,7 +466,7 @@ def run_local(
     cfg: Config, out: str | Path, *, tls: bool = False, auth: bool = False, timeout: float = 3600
 ) -> dict[str, Any]:
     """Run ``cfg`` on a loopback federation (one node per client); return ``results.json``."""
-    from prelort.federation.core import assign_ranks
+    from prelort.federation.plan import assign_ranks
 
     out = Path(out).absolute()
     work = out / "flower"

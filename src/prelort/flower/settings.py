@@ -157,7 +157,7 @@ def with_node_ranks(cfg: Config, infos: Mapping[int, NodeInfo]) -> Config:
             f"SuperNodes report partition ids {sorted(infos)}, but clients.num_clients = {k} needs "
             f"exactly 0..{k - 1}; give each SuperNode its own --node-config partition-id"
         )
-    from prelort.federation.core import assign_ranks
+    from prelort.federation.plan import assign_ranks
 
     default = assign_ranks(cfg)
     ranks = [infos[i].rank if infos[i].rank is not None else default[i] for i in range(k)]

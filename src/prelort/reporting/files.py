@@ -1,7 +1,13 @@
-"""Atomic result files: write to a temp file, fsync, rename (a crash never leaves half a file)."""
+"""Atomic result files: write to a temp file, fsync, rename (a crash never leaves half a file).
+
+The one atomic-write helper of the project: results, summaries, checkpoints and the global
+adapter all go through ``atomic_write_bytes`` (temp names start with a dot, so a folder
+listing never mistakes a leftover for a result).
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -11,19 +17,44 @@ from typing import Any
 from prelort.config import Config, config_to_dict, dump_toml
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside ``path`` durable (no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path``: temp file in the same folder, fsync, rename, fsync folder.
+
+    ``path`` naming a folder raises IsADirectoryError with ``path`` as its file name.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | Path, data: Any) -> None:

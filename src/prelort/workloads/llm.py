@@ -49,7 +49,7 @@ def load_examples(s: LLMSection) -> list[Example]:
         raise ConfigError(f"llm.path {s.path!r} uses an unset environment variable; set it or give a path")
     examples = load_source(s.source, **_source_options(s))
     if s.max_examples and len(examples) > s.max_examples:
-        rng = random.Random(s.data_seed)
+        rng = random.Random(s.data_seed if s.data_seed is not None else 0)
         keep = sorted(rng.sample(range(len(examples)), s.max_examples))
         examples = [examples[i] for i in keep]
     return examples
@@ -82,7 +82,8 @@ class LLMWorkload:
             raise ConfigError(
                 f"llm.test_examples = {s.test_examples} leaves no training data from {len(examples)} examples"
             )
-        train_idx, test_idx = train_test_split(len(examples), s.test_examples / len(examples), s.data_seed)
+        seed = s.data_seed if s.data_seed is not None else 0  # resolved by the config loader
+        train_idx, test_idx = train_test_split(len(examples), s.test_examples / len(examples), seed)
         self.test = [examples[i] for i in test_idx]
         self.train = [examples[i] for i in train_idx]
         parts = partition_indices(
@@ -91,7 +92,7 @@ class LLMWorkload:
             s.partition,
             alpha=s.dirichlet_alpha,
             tasks_per_client=s.tasks_per_client,
-            seed=s.data_seed,
+            seed=seed,
         )
         self.partitions = parts
         self.features = [

@@ -55,7 +55,7 @@ class SyntheticWorkload:
         self.target_modules = ["fc1", "fc2"]
         self.num_clients = num_clients
         self.batch_size = batch_size
-        gen = torch.Generator().manual_seed(cfg.data_seed)
+        gen = torch.Generator().manual_seed(cfg.data_seed if cfg.data_seed is not None else 0)
         self._base_state = MLP(cfg.d_in, cfg.hidden, cfg.d_out).state_dict()
         # Re-initialise deterministically from the data seed (nn.Linear uses the global RNG).
         for key, value in self._base_state.items():

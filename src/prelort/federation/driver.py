@@ -1,0 +1,356 @@
+"""One round driver for every runtime (docs/design.md §6).
+
+A round: sample clients (``RunPlan.sample``), build each one's downlink, run the client
+updates through a ``Transport``, drop clients that failed, were late or sent an invalid
+update, skip the round if fewer than ``run.min_clients`` updates remain, else
+``server_update``; record bytes, passes and examples; evaluate every ``eval_every`` rounds;
+hand the state to ``on_state`` (checkpointing). The in-process simulator and the Flower
+ServerApp (deployment or simulation engine) differ only in their ``Transport``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from prelort.adapters.nested import NestedLoRA
+from prelort.adapters.state import Adapter, adapter_num_bytes
+from prelort.aggregation.base import AggregationRule, ClientUpdate
+from prelort.config import config_to_dict, dump_toml
+from prelort.federation.core import ClientResult, ServerState, initial_state, server_update
+from prelort.federation.plan import RunPlan
+from prelort.federation.validation import rejection_reason
+from prelort.federation.workload import Workload
+
+log = logging.getLogger("prelort")
+
+RoundCallback = Callable[[dict[str, Any]], None]
+StateCallback = Callable[[ServerState, list[dict[str, Any]]], None]
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """What one sampled client is sent: its id and its downlink adapter."""
+
+    client_id: int
+    received: Adapter
+
+
+@dataclass(frozen=True)
+class ClientOutcome:
+    """What came back from one client: a result, or the reason it failed."""
+
+    client_id: int
+    result: ClientResult | None = None
+    error: str | None = None
+    """Why no usable reply arrived ("raised ...", "timed out ...", "rejected: malformed ...")."""
+    seconds: float = 0.0
+    wire_bytes_up: int | None = None
+    """Bytes on the wire when the transport knows them (Flower)."""
+
+
+class Transport(Protocol):
+    """How a runtime executes one round's client updates."""
+
+    def execute(self, round_: int, state: ServerState, jobs: Sequence[ClientJob]) -> list[ClientOutcome]:
+        """Run every job; one outcome per job (any order)."""
+        ...
+
+
+_BASE_METRICS: weakref.WeakKeyDictionary[Any, dict[str, float]] = weakref.WeakKeyDictionary()
+
+
+def evaluate_per_rank(
+    nested: NestedLoRA, rule: AggregationRule, state: ServerState, levels: Sequence[int], workload: Workload
+) -> dict[str, dict[str, float]]:
+    """Metrics of the global adapter as a client of each level receives it (``rule.downlink``).
+
+    While B = 0 everywhere (round 0, every method) the model is the base model at every
+    level, so it is evaluated once per workload and the result reused.
+    """
+    out: dict[str, dict[str, float]] = {}
+    if state.base_delta is None and all(not bool(p.B.any()) for p in state.adapter.values()):
+        base = _BASE_METRICS.get(workload)
+        if base is None:
+            nested.set_adapter(state.adapter)
+            with torch.no_grad():
+                base = _BASE_METRICS[workload] = workload.evaluate(nested.model)
+        return {str(lv): dict(base) for lv in levels}
+    for lv in levels:
+        nested.set_adapter(rule.downlink(state.adapter, lv))
+        nested.set_rank(lv)
+        with torch.no_grad():
+            out[str(lv)] = workload.evaluate(nested.model)
+    return out
+
+
+class RoundDriver:
+    """Runs the rounds of one plan over one transport; ``nested`` is the server's model copy
+    (evaluation, and FLoRA's merged base)."""
+
+    def __init__(
+        self,
+        plan: RunPlan,
+        transport: Transport,
+        nested: NestedLoRA,
+        workload: Workload,
+        *,
+        on_state: StateCallback | None = None,
+        on_round: RoundCallback | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.plan = plan
+        self.rule = plan.make_rule()
+        self.transport = transport
+        self.nested = nested
+        self.workload = workload
+        self.on_state = on_state
+        self.on_round = on_round
+        self.progress = progress
+
+    # -- state ---------------------------------------------------------------------------------
+    def start(self) -> tuple[ServerState, list[dict[str, Any]]]:
+        """Round-0 state and its record (the base model evaluated at every level)."""
+        state = initial_state(self.plan, self.nested.shapes())
+        record = {
+            "round": 0,
+            "seconds": 0.0,
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "passes": 0,
+            "examples": 0,
+            "per_rank": self.evaluate(state),
+        }
+        if self.on_round:
+            self.on_round(record)
+        return state, [record]
+
+    def sync(self, state: ServerState) -> None:
+        """Bring the server's model in line with ``state`` (FLoRA: W = W0 + merged deltas)."""
+        if state.base_delta is not None:
+            self.nested.set_base_delta(state.base_delta)
+
+    def evaluate(self, state: ServerState) -> dict[str, dict[str, float]]:
+        return evaluate_per_rank(self.nested, self.rule, state, self.plan.eval_levels, self.workload)
+
+    # -- rounds --------------------------------------------------------------------------------
+    def run_round(self, t: int, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
+        """One federated round; returns the new state and the round's ``results.json`` record."""
+        t0 = time.perf_counter()
+        run = self.plan.cfg.run
+        sampled = self.plan.sample(t)
+        jobs = [ClientJob(k, self.rule.downlink(state.adapter, state.client_ranks[k])) for k in sampled]
+        sent = {job.client_id: job.received for job in jobs}
+        bytes_down = sum(adapter_num_bytes(job.received) + state.broadcast_bytes for job in jobs)
+        outcomes = {o.client_id: o for o in self.transport.execute(t, state, jobs)}
+        t_train = time.perf_counter() - t0
+        updates: list[ClientUpdate] = []
+        dropped: list[dict[str, Any]] = []
+        losses: list[float] = []
+        bytes_up = passes = examples = 0
+        wire_up: int | None = None
+        for k in sampled:
+            out = outcomes.get(k)
+            if out is None:
+                dropped.append({"client": k, "reason": "timed out (no reply before the round's deadline)"})
+                continue
+            if out.wire_bytes_up is not None:
+                wire_up = (wire_up or 0) + out.wire_bytes_up
+            if out.result is None:
+                dropped.append({"client": k, "reason": out.error or "no result"})
+                continue
+            res = out.result
+            bytes_up += adapter_num_bytes(res.update.adapter)
+            passes += res.stats.passes
+            examples += res.stats.examples
+            if run.client_timeout and out.seconds > run.client_timeout:
+                dropped.append(
+                    {"client": k, "reason": f"timed out ({out.seconds:.1f}s > {run.client_timeout}s)"}
+                )
+                continue
+            reason = rejection_reason(
+                res.update,
+                sent=sent[k],
+                capacity=self.plan.ranks[k],
+                max_norm=run.max_update_norm or None,
+            )
+            if reason is not None:
+                dropped.append({"client": k, "reason": f"rejected: {reason}"})
+                continue
+            updates.append(res.update)
+            losses.append(res.stats.loss)
+        for d in dropped:
+            log.warning("round %d: client %d dropped, %s", t, d["client"], d["reason"])
+        skipped = len(updates) < run.min_clients
+        if skipped:
+            log.warning(
+                "round %d: only %d valid update(s), fewer than run.min_clients = %d; global adapter kept",
+                t,
+                len(updates),
+                run.min_clients,
+            )
+            state = replace(state, round=t)
+        else:
+            state, _ = server_update(state, self.rule, updates)
+            self.sync(state)
+        record: dict[str, Any] = {
+            "round": t,
+            "seconds": 0.0,
+            "train_seconds": t_train,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "passes": passes,
+            "examples": examples,
+            "clients": sampled,
+            "aggregated": [u.client_id for u in updates],
+            "dropped": dropped,
+            "skipped": skipped,
+            "train_loss": sum(losses) / len(losses) if losses else float("nan"),
+        }
+        if wire_up is not None:
+            record["wire_bytes_up"] = wire_up
+        wire_down = getattr(self.transport, "wire_bytes_down", None)
+        if wire_down is not None:
+            record["wire_bytes_down"] = wire_down
+        if t % run.eval_every == 0 or t == run.rounds:
+            t_eval = time.perf_counter()
+            record["per_rank"] = self.evaluate(state)
+            record["eval_seconds"] = time.perf_counter() - t_eval
+        record["seconds"] = time.perf_counter() - t0
+        return state, record
+
+    def run(
+        self, state: ServerState, rounds: list[dict[str, Any]]
+    ) -> tuple[ServerState, list[dict[str, Any]]]:
+        """Rounds ``state.round + 1 .. run.rounds``; ``rounds`` holds the records so far."""
+        rounds = list(rounds)
+        self.sync(state)
+        cfg = self.plan.cfg
+        bar = (
+            _progress_bar(cfg.run.rounds, f"{cfg.run.method} seed {cfg.run.seed}") if self.progress else None
+        )
+        if bar is not None:
+            bar[0].update(bar[1], completed=state.round)
+        try:
+            for t in range(state.round + 1, cfg.run.rounds + 1):
+                state, record = self.run_round(t, state)
+                rounds.append(record)
+                if self.on_state:
+                    self.on_state(state, rounds)
+                if self.on_round:
+                    self.on_round(record)
+                if bar is not None:
+                    bar[0].update(bar[1], advance=1)
+                    bar[0].console.print(round_line(record))
+        finally:
+            if bar is not None:
+                bar[0].stop()
+        return state, rounds
+
+    def results(self, state: ServerState, rounds: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+        """The ``results.json`` dict (docs/design.md §7)."""
+        return results_dict(self.plan, state, rounds, seconds)
+
+
+def results_dict(
+    plan: RunPlan, state: ServerState, rounds: list[dict[str, Any]], seconds: float
+) -> dict[str, Any]:
+    """The ``results.json`` content: per-round records, final per-rank metrics and totals.
+
+    ``family`` says what a per-rank column means (docs/design.md §4); ``total_passes`` counts
+    forward/backward passes over all clients and rounds (docs/design.md §3).
+    """
+    cfg, method = plan.cfg, plan.method
+    out: dict[str, Any] = {
+        "method": method.name,
+        "family": method.family,
+        "seed": plan.seed,
+        "ranks": list(plan.capacities),
+        "effective_ranks": list(plan.ranks),
+        "final_ranks": list(state.client_ranks),
+        "levels": list(plan.eval_levels),
+        "client_levels": list(plan.levels),
+        "rounds": rounds,
+        "final": {"per_rank": rounds[-1]["per_rank"]},
+        "total_seconds": seconds,
+        "total_bytes_up": sum(r["bytes_up"] for r in rounds),
+        "total_bytes_down": sum(r["bytes_down"] for r in rounds),
+        "total_passes": sum(r.get("passes", 0) for r in rounds),
+        "total_examples": sum(r.get("examples", 0) for r in rounds),
+        "config": config_to_dict(cfg),
+        "summary": method.summary,
+    }
+    if method.level is not None:
+        out["oracle_level"] = method.level
+    return out
+
+
+def run_in_folder(
+    driver: RoundDriver,
+    out: Path,
+    *,
+    log_line: Callable[[str], None] = log.info,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) ``driver``'s plan in ``out``: config.toml, a checkpoint and the global
+    adapter after every round, results.json at the end (docs/design.md §8)."""
+    from prelort.federation.artifacts import save_global
+    from prelort.federation.checkpoint import load_checkpoint, save_checkpoint
+    from prelort.reporting.files import atomic_write_text, write_results
+
+    cfg = driver.plan.cfg
+    start = time.perf_counter()
+    resume = load_checkpoint(out, cfg, log=log_line)
+    if resume is not None:
+        log_line(f"resuming {out} after round {resume[0].round}")
+        state, rounds = resume[0], list(resume[1])
+    else:
+        atomic_write_text(out / "config.toml", dump_toml(config_to_dict(cfg)))
+        state, rounds = driver.start()
+    user_on_state = driver.on_state
+
+    def on_state(s: ServerState, r: list[dict[str, Any]]) -> None:
+        save_checkpoint(out, s, r, cfg)
+        save_global(out, s)
+        if user_on_state:
+            user_on_state(s, r)
+
+    driver.on_state = on_state
+    try:
+        state, rounds = driver.run(state, rounds)
+    finally:
+        driver.on_state = user_on_state
+    results = driver.results(state, rounds, time.perf_counter() - start)
+    results.update(extra or {})
+    write_results(out, results, cfg)
+    return results
+
+
+def round_line(record: dict[str, Any]) -> str:
+    """A one-line summary of a round record for the console."""
+    line = f"round {record['round']}: {record['seconds']:.1f}s, train loss {record['train_loss']:.4g}"
+    if record.get("dropped"):
+        line += f", {len(record['dropped'])} dropped"
+    if "per_rank" in record:
+        parts = []
+        for lv, metrics in record["per_rank"].items():
+            key = next((k for k in ("accuracy", "rouge_l", "rel_loss") if k in metrics), "loss")
+            parts.append(f"r{lv} {key}={metrics[key]:.4g}")
+        line += "; " + ", ".join(parts)
+    return line
+
+
+def _progress_bar(total: int, label: str) -> tuple[Any, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    task = prog.add_task(label, total=total)
+    prog.start()
+    return prog, task

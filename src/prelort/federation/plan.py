@@ -1,0 +1,195 @@
+"""The run plan: every value a run needs, resolved once from the validated config.
+
+``build_plan(cfg)`` fixes the method spec, the aggregation rule, each client's rank, the rank
+levels trained and evaluated, each client's local-training settings under the compute budget
+and the client sampling. The round driver, the in-process simulator and the Flower apps read
+the plan; nothing re-derives these values from the config (docs/design.md §6).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from prelort.adapters.state import Scaling
+from prelort.aggregation.base import AggregationRule, RuleOptions, get_rule
+from prelort.config import Config
+from prelort.federation.methods import MethodSpec, get_method
+from prelort.training.local import Factors, LocalTrainConfig
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A stable 63-bit seed from parts (same in every process and platform)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def generator_for(*parts: int | str) -> torch.Generator:
+    """A torch generator seeded by ``derive_seed(*parts)``."""
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def assign_ranks(cfg: Config) -> list[int]:
+    """Rank capacity r_k per client: explicit list, or drawn from the levels.
+
+    ``cycle`` assigns levels round-robin (equal counts), ``uniform`` draws each client's level
+    uniformly, ``heavy-tail`` draws level j with probability proportional to 2^-j (most
+    clients small).
+    """
+    cl = cfg.clients
+    if cl.ranks is not None:
+        return list(cl.ranks)
+    levels = cl.levels
+    if cl.rank_distribution == "cycle":
+        return [levels[k % len(levels)] for k in range(cl.num_clients)]
+    rng = np.random.default_rng(derive_seed(cfg.run.seed, "ranks"))
+    if cl.rank_distribution == "uniform":
+        probs = np.full(len(levels), 1.0 / len(levels))
+    else:
+        w = 0.5 ** np.arange(len(levels))
+        probs = w / w.sum()
+    return [int(levels[i]) for i in rng.choice(len(levels), size=cl.num_clients, p=probs)]
+
+
+def effective_ranks(method: MethodSpec, capacities: Sequence[int], levels: Sequence[int]) -> list[int]:
+    """The rank each client trains at: its capacity, or FedIT's common rank."""
+    if method.homogeneous == "min":
+        return [min(levels)] * len(capacities)
+    if method.homogeneous == "max":
+        return [max(levels)] * len(capacities)
+    if method.homogeneous == "level":
+        assert method.level is not None
+        return [method.level] * len(capacities)
+    return list(capacities)
+
+
+def sample_clients(seed: int, round_: int, num_clients: int, per_round: int) -> list[int]:
+    """Uniform sampling: the sorted ids of ``per_round`` of ``num_clients`` clients, seeded by
+    (seed, round)."""
+    rng = np.random.default_rng(derive_seed(seed, "sample", round_))
+    return sorted(int(k) for k in rng.choice(num_clients, size=per_round, replace=False))
+
+
+def sample_stratified(seed: int, round_: int, ranks: Sequence[int], per_round: int) -> list[int]:
+    """Stratified sampling over rank levels (docs/design.md §5).
+
+    With m = ``per_round`` clients and n distinct ranks among ``ranks``: if m >= n, one client
+    drawn uniformly from each rank's clients, and the other m - n uniformly from the rest;
+    if m < n, one client from each of the m highest ranks. Seeded by (seed, round), so a
+    resumed run samples what an uninterrupted one would. Returns sorted client ids.
+    """
+    rng = np.random.default_rng(derive_seed(seed, "stratified", round_))
+    strata: dict[int, list[int]] = {}
+    for k, r in enumerate(ranks):
+        strata.setdefault(r, []).append(k)
+    chosen: list[int] = []
+    for r in sorted(strata, reverse=True)[:per_round]:
+        members = strata[r]
+        chosen.append(members[int(rng.integers(len(members)))])
+    rest = [k for k in range(len(ranks)) if k not in set(chosen)]
+    extra = per_round - len(chosen)
+    if extra > 0:
+        chosen += [rest[int(i)] for i in rng.choice(len(rest), size=extra, replace=False)]
+    return sorted(chosen)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A run's resolved values (see the module docstring)."""
+
+    cfg: Config
+    method: MethodSpec
+    scaling: Scaling
+    capacities: tuple[int, ...]
+    """Rank capacity per client (the population, whatever the method)."""
+    ranks: tuple[int, ...]
+    """Rank each client trains at (capacity, or FedIT's common rank)."""
+    levels: tuple[int, ...]
+    """The rank levels L of the population."""
+    eval_levels: tuple[int, ...]
+    """Levels at which the global adapter is evaluated."""
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.run.seed
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.levels)
+
+    def make_rule(self) -> AggregationRule:
+        """A fresh instance of the method's aggregation rule."""
+        return get_rule(self.method.rule, RuleOptions(scaling=self.scaling, seed=self.seed))
+
+    def sample(self, round_: int) -> list[int]:
+        """The sorted client ids of round ``round_`` (``run.sampling``)."""
+        m = self.cfg.run.clients_per_round
+        if self.cfg.run.sampling == "stratified":
+            return sample_stratified(self.seed, round_, self.ranks, m)
+        return sample_clients(self.seed, round_, self.num_clients, m)
+
+    def trained_levels(self, rank: int) -> list[int]:
+        """L_k: the levels a client of rank ``rank`` trains (nested methods), else [rank]."""
+        if not self.method.nested:
+            return [rank]
+        return sorted({lv for lv in self.levels if lv <= rank} | {rank})
+
+    def local_steps(self, rank: int) -> int:
+        """Optimiser steps of a client of ``rank`` (docs/design.md §3).
+
+        ``train.budget = "passes"``: a nested ``all`` client makes |L_k| passes per step, so it
+        gets max(1, round(steps / |L_k|)) steps; every other client ``steps`` (one pass each).
+        """
+        t = self.cfg.train
+        if t.budget == "passes" and self.method.nested and t.nested_mode == "all":
+            return max(1, round(t.steps / len(self.trained_levels(rank))))
+        return t.steps
+
+    def local_config(self, rank: int, round_: int) -> LocalTrainConfig:
+        """Local-training settings of a client of ``rank`` in round ``round_``."""
+        t = self.cfg.train
+        own = t.own_weight
+        factors: Factors = "both"
+        if t.factors == "b-only":
+            factors = "B"
+        elif t.factors == "alternate":  # RoLoRA: B on odd rounds, A on even ones
+            factors = "B" if round_ % 2 == 1 else "A"
+        return LocalTrainConfig(
+            steps=self.local_steps(rank),
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            mode=t.nested_mode if self.method.nested else "plain",
+            own_weight=None if own == "equal" else ("geometric" if own == "geometric" else float(own)),
+            max_grad_norm=t.max_grad_norm,
+            factors=factors,
+        )
+
+    def with_ranks(self, capacities: Sequence[int]) -> RunPlan:
+        """The plan with other capacities (Flower: the ranks the SuperNodes reported)."""
+        caps = tuple(int(r) for r in capacities)
+        ranks = tuple(effective_ranks(self.method, caps, self.levels))
+        return replace(self, capacities=caps, ranks=ranks)
+
+
+def build_plan(cfg: Config) -> RunPlan:
+    """Resolve ``cfg`` into a ``RunPlan`` (the config is already validated)."""
+    method = get_method(cfg.run.method)
+    levels = tuple(cfg.clients.levels)
+    caps = tuple(assign_ranks(cfg))
+    return RunPlan(
+        cfg=cfg,
+        method=method,
+        scaling=Scaling(cfg.lora.scaling, cfg.lora.alpha, max(levels)),
+        capacities=caps,
+        ranks=tuple(effective_ranks(method, caps, levels)),
+        levels=levels,
+        eval_levels=tuple(cfg.run.eval_levels or levels),
+    )
