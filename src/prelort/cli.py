@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -173,10 +174,6 @@ def execute_run(cfg: Any, workload: Any, out: Path, *, progress: bool, console: 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from prelort.config import load_config
-    from prelort.federation.checkpoint import CHECKPOINT_DIR
-    from prelort.reporting import per_rank_table
-    from prelort.workloads import build_workload
-
     from prelort.lock import run_lock
 
     console = _console(args.quiet)
@@ -194,6 +191,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         _check_out_dir(out, "--out")
         cfg = load_config(args.config, args.set)
+    # the numerics (torch, PEFT) are imported only once the config is known to be good
+    from prelort.federation.checkpoint import CHECKPOINT_DIR
+    from prelort.reporting import per_rank_table
+    from prelort.workloads import build_workload
+
     with run_lock(out, log=_log_stderr):  # one run per folder, until this process ends
         if args.resume and _finished_round(out) == cfg.run.rounds:
             print(f"{out}: already finished ({cfg.run.rounds} rounds); nothing to do, results unchanged")
@@ -229,11 +231,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from prelort.config import load_config
     from prelort.federation.methods import METHODS, oracle_level
-    from prelort.reporting import summarise, summary_markdown
-    from prelort.reporting.files import atomic_write_text, write_json
-    from prelort.reporting.summary import plot_summary
-    from prelort.workloads import build_workload
-
     methods = _parse_list(args.methods, "methods")
     unknown = [m for m in methods if m not in METHODS and oracle_level(m) is None]
     if unknown:
@@ -246,6 +243,11 @@ def _compare(args: argparse.Namespace) -> int:
         raise UserError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
     out = Path(args.out)
     load_config(args.config, args.set)  # a bad config fails before any run starts
+    from prelort.reporting import summarise, summary_markdown
+    from prelort.reporting.files import atomic_write_text, write_json
+    from prelort.reporting.summary import plot_summary
+    from prelort.workloads import build_workload
+
     console = _console(args.quiet)
     runs: list[dict[str, Any]] = []
     for seed in seeds:
@@ -331,17 +333,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from prelort.reporting.files import write_json
     from prelort.workloads import build_workload
 
+    if args.out:
+        _check_out_file(Path(args.out), "--out")
+    peft_files = _read_peft_adapter(Path(args.adapter)) if args.adapter else None
     cfg, adapter, delta = _run_artifacts(args.run)
     if args.set:
         cfg = load_config(Path(args.run) / "config.toml", args.set)
     workload = build_workload(cfg)
     if args.adapter:
-        from peft import PeftModel
-
-        adapter_dir = Path(args.adapter)
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise UserError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(workload.build_model(), str(adapter_dir)).eval()
+        assert peft_files is not None
+        model = _load_peft_adapter(Path(args.adapter), *peft_files, workload.build_model()).eval()
         with torch.no_grad():
             metrics: dict[str, Any] = {"adapter": workload.evaluate(model)}
     else:
@@ -363,6 +364,124 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         write_json(args.out, metrics)
     return 0
+
+
+_PEFT_FIX = "export it again with `prelort export`"
+_PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+
+
+def _check_out_file(path: Path, flag: str) -> None:
+    """``path`` can be written as a file (checked before any work)."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file path such as {path / 'metrics.json'}")
+    _check_out_dir(path.parent, flag)
+
+
+def _read_peft_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``adapter_config.json`` and the weights of a PEFT LoRA adapter folder, checked for damage."""
+    import math
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not adapter_dir.is_dir():
+        raise UserError(f"--adapter {adapter_dir}: not a folder; pass a PEFT adapter folder")
+    conf_path = adapter_dir / "adapter_config.json"
+    if not conf_path.is_file():
+        raise UserError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_config.json); {_PEFT_FIX}")
+    try:
+        conf = json.loads(conf_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{conf_path}: not valid JSON ({exc}); {_PEFT_FIX}") from None
+    if not isinstance(conf, dict):
+        raise UserError(f"{conf_path}: holds a {type(conf).__name__}, not an object; {_PEFT_FIX}")
+    if conf.get("peft_type") != "LORA":
+        raise UserError(f"{conf_path}: peft_type {conf.get('peft_type')!r} is not 'LORA'; {_PEFT_FIX}")
+    r, alpha, targets = conf.get("r"), conf.get("lora_alpha"), conf.get("target_modules")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise UserError(f"{conf_path}: r = {r!r} is not a positive integer; {_PEFT_FIX}")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise UserError(f"{conf_path}: lora_alpha = {alpha!r} is not a finite number; {_PEFT_FIX}")
+    if not (
+        targets is None
+        or isinstance(targets, str)
+        or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        raise UserError(f"{conf_path}: target_modules = {targets!r:.60} is not a list of names; {_PEFT_FIX}")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        other = " (adapter_model.bin is not read: pickles can run code)" if (
+            adapter_dir / "adapter_model.bin"
+        ).is_file() else ""
+        raise UserError(f"{adapter_dir}: no adapter_model.safetensors, the adapter's weights{other}; {_PEFT_FIX}")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{weights}: damaged weights file ({exc}); {_PEFT_FIX}") from None
+    return conf, tensors
+
+
+def _load_peft_adapter(adapter_dir: Path, conf: dict[str, Any], tensors: dict[str, Any], model: Any) -> Any:
+    """``model`` with the adapter of ``adapter_dir`` (PEFT), after checking that it fits ``model``.
+
+    A tensor for a module the model lacks, shapes that do not fit, NaN/Inf, a module with
+    only one factor, or targets that do not match the weights is one ``UserError`` line
+    (PEFT would raise, or silently leave a module untrained).
+    """
+    import torch
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    modules = dict(model.named_modules())
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _PEFT_KEY.fullmatch(key)
+        if m is None:
+            raise UserError(f"{weights}: unexpected tensor {key!r} (not a LoRA A/B weight); {_PEFT_FIX}")
+        name, which = m.groups()
+        weight = getattr(modules.get(name), "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise UserError(
+                f"{weights}: tensor {key!r} is for module {name!r}, which the run's model has no linear "
+                "layer for; was the adapter made for another model?"
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise UserError(f"{weights}: tensor {key!r} holds NaN or Inf; {_PEFT_FIX}")
+        found.setdefault(name, {})[which] = t
+    if not found:
+        raise UserError(f"{weights}: holds no LoRA weights; {_PEFT_FIX}")
+    for name, ab in sorted(found.items()):
+        if set(ab) != {"A", "B"}:
+            raise UserError(f"{weights}: module {name!r} has lora_{''.join(ab)} only; {_PEFT_FIX}")
+        out_f, in_f = modules[name].weight.shape
+        A, B = ab["A"], ab["B"]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != in_f or B.shape[0] != out_f or A.shape[0] != B.shape[1]:
+            raise UserError(
+                f"{weights}: module {name!r} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
+                f"which do not fit its weight {(out_f, in_f)}; was the adapter made for another model?"
+            )
+        if A.shape[0] != conf["r"] and not conf.get("rank_pattern"):
+            raise UserError(
+                f"{weights}: module {name!r} has rank {A.shape[0]} but adapter_config.json says r = "
+                f"{conf['r']}; {_PEFT_FIX}"
+            )
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except (ValueError, KeyError, TypeError, RuntimeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserError(
+            f"{adapter_dir}: PEFT could not load the adapter ({type(exc).__name__}: {first}); {_PEFT_FIX}"
+        ) from None
+    wrapped = {
+        n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)
+    }
+    if wrapped != set(found):
+        raise UserError(
+            f"{adapter_dir / 'adapter_config.json'}: target_modules select {sorted(wrapped)} but the weights "
+            f"are for {sorted(found)}; {_PEFT_FIX}"
+        )
+    return peft_model
 
 
 if __name__ == "__main__":

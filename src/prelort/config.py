@@ -182,12 +182,16 @@ class Config:
         Every number is checked (finite, in range, consistent with the others), so no size,
         rate or limit reaches the numerics unchecked. Pure: imports no torch.
         """
-        from prelort.federation.methods import METHODS
+        from prelort.federation.methods import get_method
 
         run, cl = self.run, self.clients
-        if run.method not in METHODS:
+        try:
+            spec = get_method(run.method)
+        except ValueError as exc:
+            raise ConfigError(f"run.method: {exc}") from None
+        if spec.level is not None and spec.level not in cl.levels:
             raise ConfigError(
-                f"run.method: unknown method {run.method!r}; choose one of {', '.join(METHODS)}"
+                f"run.method = {run.method!r}: rank {spec.level} is not in clients.levels {cl.levels}"
             )
         _seed("run.seed", run.seed)
         _int_at_least("run.rounds", run.rounds, 1)
@@ -237,8 +241,15 @@ class Config:
         _int_at_least("train.batch_size", t.batch_size, 1)
         _real("train.lr", t.lr, lo=0.0, lo_open=True)
         _real("train.weight_decay", t.weight_decay, lo=0.0)
-        if t.own_weight != "equal":
-            _real("train.own_weight", float(t.own_weight), lo=0.0, hi=1.0, lo_open=True, hint='or "equal"')
+        if t.own_weight not in ("equal", "geometric"):
+            _real(
+                "train.own_weight",
+                float(t.own_weight),
+                lo=0.0,
+                hi=1.0,
+                lo_open=True,
+                hint='or "equal" or "geometric"',
+            )
         if t.max_grad_norm is not None:
             _real(
                 "train.max_grad_norm", t.max_grad_norm, lo=0.0, lo_open=True, hint="omit it for no clipping"
