@@ -28,8 +28,8 @@ from prelort.adapters import LoRAPair
 from prelort.adapters.state import adapter_num_bytes
 from prelort.aggregation import ClientUpdate
 from prelort.config import load_config
-from prelort.federation.core import initial_state, make_rule, server_update
-from prelort.federation.methods import get_method
+from prelort.federation.core import initial_state, server_update
+from prelort.federation.plan import build_plan
 
 METHODS = ["prelort", "segment", "hetlora", "flexlora", "flora", "fedit", "fedit-max"]
 
@@ -51,10 +51,9 @@ def module_shapes(model: str, targets: list[str]) -> dict[str, tuple[int, int]]:
 
 
 def per_client_bytes(cfg_path: str, method: str, shapes: dict[str, tuple[int, int]]) -> dict[str, Any]:
-    cfg = load_config(cfg_path, [f"run.method={method}"])
-    spec = get_method(method)
-    rule = make_rule(cfg, spec)
-    state = initial_state(cfg, shapes)
+    plan = build_plan(load_config(cfg_path, [f"run.method={method}"]))
+    rule = plan.make_rule()
+    state = initial_state(plan, shapes)
     g = torch.Generator().manual_seed(0)
     rows: dict[str, Any] = {}
     updates = []

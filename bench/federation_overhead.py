@@ -4,7 +4,7 @@
 
 Both sides train SmolLM2-135M on the same client batches (BBC News, the bench-bbc config):
 
-- ``round``: ``prelort.federation.simulator.run_round`` for K sampled clients x s local steps
+- ``round``: ``RoundDriver.run_round`` (in-process transport) for K sampled clients x s local steps
   with the given method: downlink, ``client_update`` (load prefix, ``train_local``, read the
   prefix back), validation, ``server_update`` (aggregation), byte accounting;
 - ``bare``: the same K x s steps as a plain PEFT LoRA loop at rank R (``get_peft_model`` +
@@ -29,18 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine, write_json
 from prelort.config import load_config
-from prelort.federation.core import (
-    assign_ranks,
-    client_update,
-    effective_ranks,
-    generator_for,
-    initial_state,
-    make_rule,
-    sample_clients,
-    server_update,
-)
-from prelort.federation.methods import get_method
-from prelort.federation.simulator import build_nested, run_round
+from prelort.federation.core import client_update, server_update
+from prelort.federation.plan import generator_for
+from prelort.federation.simulator import make_driver
 from prelort.workloads import build_workload
 
 
@@ -66,12 +57,17 @@ def main() -> None:
     ]
     cfg = load_config(args.config, overrides)
     workload: Any = build_workload(cfg)
-    nested = build_nested(cfg, workload)
-    method = get_method(cfg.run.method)
-    rule = make_rule(cfg, method)
-    capacities = effective_ranks(method, assign_ranks(cfg), cfg.clients.levels)
-    state = initial_state(cfg, nested.shapes())
-    R = cfg.max_rank
+    captured: list[Any] = []
+
+    def capturing_client(*a: Any, **kw: Any) -> Any:
+        res = client_update(*a, **kw)
+        captured.append(res.update)
+        return res
+
+    driver = make_driver(cfg, workload, client_fn=capturing_client)
+    plan, rule = driver.plan, driver.rule
+    state, _ = driver.start()
+    R = plan.max_rank
 
     peft_model = get_peft_model(
         workload.build_model(),
@@ -88,7 +84,7 @@ def main() -> None:
     def bare_loop(t: int) -> float:
         t0 = time.perf_counter()
         peft_model.train()
-        for k in sample_clients(cfg.run.seed, t, cfg.clients.num_clients, cfg.run.clients_per_round):
+        for k in plan.sample(t):
             opt = torch.optim.AdamW(lora_params, lr=cfg.train.lr)
             batches = workload.batches(k, generator_for(cfg.run.seed, "client", t, k))
             for _ in range(cfg.train.steps):
@@ -98,19 +94,12 @@ def main() -> None:
         peft_model.eval()
         return time.perf_counter() - t0
 
-    captured: list[Any] = []
-
-    def capturing_client(*a: Any, **kw: Any) -> Any:
-        res = client_update(*a, **kw)
-        captured.append(res.update)
-        return res
-
     rounds, bares, aggs = [], [], []
     for t in range(1, args.reps + 1):
         before = state
         captured.clear()
         t0 = time.perf_counter()
-        state, _record = run_round(t, state, nested, rule, cfg, workload, capacities, capturing_client)
+        state, _record = driver.run_round(t, state)
         rounds.append(time.perf_counter() - t0)
         t1 = time.perf_counter()
         server_update(before, rule, captured)  # aggregation alone, same inputs

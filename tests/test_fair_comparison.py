@@ -118,7 +118,7 @@ def test_oracle_methods_train_every_client_at_one_level() -> None:
     plan = build_plan(config_from_dict({"run": {"method": "fedit-r4"}, "clients": {"levels": [2, 4, 8]}}))
     assert plan.ranks == (4,) * len(plan.ranks) and plan.method.family == "homogeneous"
     assert get_method("flora").family == "merged" and get_method("hetlora").family == "rank-limited"
-    with pytest.raises(ConfigError, match="not in clients.levels"):
+    with pytest.raises(ConfigError, match=r"not in clients\.levels"):
         config_from_dict({"run": {"method": "fedit-r3"}, "clients": {"levels": [2, 4, 8]}})
     with pytest.raises(ConfigError, match="unknown method"):
         config_from_dict({"run": {"method": "fedit-x"}})

@@ -161,13 +161,14 @@ def test_random_numeric_config_is_valid_or_one_config_error(edits: list[tuple[tu
         assert "\n" not in msg and any(k.split(".")[1] in msg for (k, _), _ in edits), msg
         return
     # valid: every number is finite and every size usable
-    for section in dataclasses.fields(cfg):
-        for name, value in dataclasses.asdict(getattr(cfg, section.name)).items():
-            if isinstance(value, float):
-                assert math.isfinite(value), (section.name, name, value)
+    for part in dataclasses.fields(cfg):
+        for field, number in dataclasses.asdict(getattr(cfg, part.name)).items():
+            if isinstance(number, float):
+                assert math.isfinite(number), (part.name, field, number)
     s = cfg.synthetic
     assert min(s.d_in, s.hidden, s.d_out, s.teacher_rank, s.test_examples) >= 1
-    assert cfg.train.lr > 0 and cfg.lora.alpha > 0 and 1 <= cfg.hetlora.min_rank <= cfg.max_rank
+    assert cfg.train.lr > 0 and cfg.lora.alpha > 0
+    assert cfg.hetlora.min_rank is not None and 1 <= cfg.hetlora.min_rank <= cfg.max_rank
     assert cfg.train.max_grad_norm is None or cfg.train.max_grad_norm > 0
     assert cfg.llm.max_examples >= 0 and cfg.llm.max_per_task >= 0
 
@@ -230,13 +231,18 @@ def test_accepted_synthetic_sizes_build_a_working_workload(**sizes: Any) -> None
 def test_issue_values_exit_2_with_one_line(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, override: str, key: str
 ) -> None:
-    rc, _, err = _run(capsys, "run", "--config", CONFIG, "--out", str(tmp_path / "o"), *SETS, "--set", override)
+    rc, _, err = _run(
+        capsys, "run", "--config", CONFIG, "--out", str(tmp_path / "o"), *SETS, "--set", override
+    )
     _one_line_error(rc, err, key)
     assert not (tmp_path / "o").exists()  # nothing was started
 
 
 def test_config_validation_imports_no_torch() -> None:
-    code = "import sys; from prelort.config import config_from_dict; config_from_dict({}); print('torch' in sys.modules)"
+    code = (
+        "import sys; from prelort.config import config_from_dict; config_from_dict({}); "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "False"
 
@@ -324,8 +330,9 @@ def test_top_level_handler_turns_operational_errors_into_one_line(
 def test_top_level_handler_damaged_safetensors_and_unexpected_errors(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import prelort.cli as cli
     from safetensors import SafetensorError
+
+    import prelort.cli as cli
 
     def damaged(args: Any) -> int:
         raise SafetensorError("Error while deserializing header: header too small")
@@ -356,6 +363,11 @@ def _edit_weights(d: Path, fn: Any) -> None:
     save_file(fn(tensors), str(w))
 
 
+def _replace_by_file(d: Path) -> None:
+    shutil.rmtree(d)
+    d.write_text("x")
+
+
 def _first(tensors: dict[str, torch.Tensor], part: str) -> str:
     return next(k for k in sorted(tensors) if part in k)
 
@@ -376,12 +388,16 @@ DAMAGE = {
     "shape mismatch": lambda d: _edit_weights(
         d, lambda t: {**t, _first(t, "lora_A"): t[_first(t, "lora_A")][:, :-1].contiguous()}
     ),
-    "missing factor": lambda d: _edit_weights(d, lambda t: {k: v for k, v in t.items() if k != _first(t, "lora_B")}),
+    "missing factor": lambda d: _edit_weights(
+        d, lambda t: {k: v for k, v in t.items() if k != _first(t, "lora_B")}
+    ),
     "foreign module": lambda d: _edit_weights(
         d, lambda t: {k.replace("fc1", "encoder.q"): v for k, v in t.items()}
     ),
-    "nan": lambda d: _edit_weights(d, lambda t: {**t, _first(t, "lora_B"): torch.full_like(t[_first(t, "lora_B")], math.nan)}),
-    "not a folder": lambda d: (shutil.rmtree(d), d.write_text("x")),
+    "nan": lambda d: _edit_weights(
+        d, lambda t: {**t, _first(t, "lora_B"): torch.full_like(t[_first(t, "lora_B")], math.nan)}
+    ),
+    "not a folder": lambda d: _replace_by_file(d),
 }
 
 
@@ -395,7 +411,9 @@ def test_damaged_adapter_for_eval_is_one_line(
     assert out == ""
 
 
-def test_intact_adapter_evaluates(capsys: pytest.CaptureFixture[str], finished: Path, adapter_copy: Path) -> None:
+def test_intact_adapter_evaluates(
+    capsys: pytest.CaptureFixture[str], finished: Path, adapter_copy: Path
+) -> None:
     rc, out, err = _run(capsys, "eval", "--run", str(finished), "--adapter", str(adapter_copy))
     assert rc == 0, err
     assert json.loads(out)["adapter"]["loss"] > 0
@@ -461,7 +479,11 @@ def _flip(data: bytes, edits: list[tuple[int, int]]) -> bytes:
     cut=st.one_of(st.none(), st.integers(0, 4000)),
 )
 def test_random_checkpoint_corruption_falls_back_or_is_identical(
-    finished: Path, tmp_path_factory: pytest.TempPathFactory, name: str, edits: list[tuple[int, int]], cut: int | None
+    finished: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    edits: list[tuple[int, int]],
+    cut: int | None,
 ) -> None:
     run = tmp_path_factory.mktemp("ck")
     shutil.copytree(finished / "checkpoints", run / "checkpoints")
@@ -533,6 +555,18 @@ def test_leftovers_of_a_killed_writer_are_removed(run_copy: Path) -> None:
     assert len(logged) == 4 and all("interrupted" in line for line in logged)
 
 
+def test_latest_names_the_checkpoint_tried_first(run_copy: Path) -> None:
+    cfg, latest = load_config(run_copy / "config.toml"), run_copy / "checkpoints" / "LATEST"
+    assert latest.read_text() == "round-000002"
+    latest.write_text("round-000001")  # killed between a folder's rename and LATEST's update
+    loaded = load_checkpoint(run_copy, cfg)
+    assert loaded is not None and loaded[0].round == 1
+    latest.write_bytes(b"\xff\x00garbage")
+    logged: list[str] = []
+    loaded = load_checkpoint(run_copy, cfg, log=logged.append)
+    assert loaded is not None and loaded[0].round == 2 and len(logged) == 1
+
+
 def test_resume_with_damaged_newest_checkpoint_ends_identical(
     capsys: pytest.CaptureFixture[str], finished: Path, run_copy: Path
 ) -> None:
@@ -549,7 +583,9 @@ def test_resume_with_damaged_newest_checkpoint_ends_identical(
     assert (run_copy / ADAPTER_FILE).read_bytes() == (finished / ADAPTER_FILE).read_bytes()
 
 
-def test_resume_with_no_usable_checkpoint_is_one_line(capsys: pytest.CaptureFixture[str], run_copy: Path) -> None:
+def test_resume_with_no_usable_checkpoint_is_one_line(
+    capsys: pytest.CaptureFixture[str], run_copy: Path
+) -> None:
     (run_copy / "results.json").unlink()
     for r in (1, 2):
         _state_json(run_copy, r).write_text("{}")
@@ -597,7 +633,9 @@ def test_second_process_on_the_same_out_is_refused(
         _one_line_error(rc, err, f"process {holders[0].pid}", "in use")
         rc, _, err = _run(capsys, "run", "--resume", str(run_copy), "--quiet")
         _one_line_error(rc, err, "in use")
-        rc, _, err = _run(capsys, "compare", "--config", CONFIG, "--out", str(run_copy), "--methods", "prelort", *SETS)
+        rc, _, err = _run(
+            capsys, "compare", "--config", CONFIG, "--out", str(run_copy), "--methods", "prelort", *SETS
+        )
         _one_line_error(rc, err, "in use")
     finally:
         for h in holders:
@@ -609,7 +647,9 @@ def test_second_process_on_the_same_out_is_refused(
     assert not (fresh / LOCK_FILE).exists()  # released on exit
 
 
-def test_stale_lock_of_a_killed_process_is_taken_over(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_stale_lock_of_a_killed_process_is_taken_over(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     out = tmp_path / "o"
     holder = _holder(out)
     os.kill(holder.pid, signal.SIGKILL)

@@ -133,7 +133,9 @@ def test_cli_resume_errors_are_one_line(tmp_path: Path) -> None:
 # -- faulty clients ------------------------------------------------------------------------------
 def _faulty(kind: str, victim: int = 1):
     def client_fn(nested, received, *, client_id, round_, plan, workload) -> ClientResult:
-        res = client_update(nested, received, client_id=client_id, round_=round_, plan=plan, workload=workload)
+        res = client_update(
+            nested, received, client_id=client_id, round_=round_, plan=plan, workload=workload
+        )
         if client_id != victim:
             return res
         u = res.update

@@ -1,6 +1,6 @@
 """Command line: ``prelort run | compare``.
 
-Bad input exits with status 2 and one line on stderr (DESIGN.md §3); results already
+Bad input exits with status 2 and one line on stderr (docs/design.md §8); results already
 written stay on disk.
 """
 
@@ -93,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         st = sys.modules.get("safetensors")
         if st is not None and isinstance(exc, st.SafetensorError):
-            return _fail(f"a damaged safetensors file ({exc}); check the model / adapter files the command reads")
+            return _fail(
+                f"a damaged safetensors file ({exc}); check the model / adapter files the command reads"
+            )
         raise
     return 2
 
@@ -231,6 +233,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from prelort.config import load_config
     from prelort.federation.methods import METHODS, oracle_level
+
     methods = _parse_list(args.methods, "methods")
     unknown = [m for m in methods if m not in METHODS and oracle_level(m) is None]
     if unknown:
@@ -410,10 +413,14 @@ def _read_peft_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any
         raise UserError(f"{conf_path}: target_modules = {targets!r:.60} is not a list of names; {_PEFT_FIX}")
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
-        other = " (adapter_model.bin is not read: pickles can run code)" if (
-            adapter_dir / "adapter_model.bin"
-        ).is_file() else ""
-        raise UserError(f"{adapter_dir}: no adapter_model.safetensors, the adapter's weights{other}; {_PEFT_FIX}")
+        other = (
+            " (adapter_model.bin is not read: pickles can run code)"
+            if (adapter_dir / "adapter_model.bin").is_file()
+            else ""
+        )
+        raise UserError(
+            f"{adapter_dir}: no adapter_model.safetensors, the adapter's weights{other}; {_PEFT_FIX}"
+        )
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -456,7 +463,13 @@ def _load_peft_adapter(adapter_dir: Path, conf: dict[str, Any], tensors: dict[st
             raise UserError(f"{weights}: module {name!r} has lora_{''.join(ab)} only; {_PEFT_FIX}")
         out_f, in_f = modules[name].weight.shape
         A, B = ab["A"], ab["B"]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != in_f or B.shape[0] != out_f or A.shape[0] != B.shape[1]:
+        if (
+            A.dim() != 2
+            or B.dim() != 2
+            or A.shape[1] != in_f
+            or B.shape[0] != out_f
+            or A.shape[0] != B.shape[1]
+        ):
             raise UserError(
                 f"{weights}: module {name!r} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
                 f"which do not fit its weight {(out_f, in_f)}; was the adapter made for another model?"

@@ -1,7 +1,7 @@
 """Validated run configuration: TOML file + ``--set key=value`` overrides -> ``Config``.
 
 Unknown keys, wrong types and inconsistent values raise ``ConfigError`` with one line
-naming the key and what to do (DESIGN.md §3: exit status 2).
+naming the key and what to do (docs/design.md §8: exit status 2).
 """
 
 from __future__ import annotations

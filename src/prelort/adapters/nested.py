@@ -177,7 +177,3 @@ class NestedLoRA:
             if original is None:
                 original = self._base_weights[name] = weight.detach().clone()
             weight.copy_(original + delta.to(device=weight.device, dtype=weight.dtype))
-
-    def zero_grad(self) -> None:
-        for p, _ in self.parameters_with_rank_dim():
-            p.grad = None

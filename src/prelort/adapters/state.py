@@ -1,7 +1,7 @@
 """Adapter state as plain tensors: what travels between server and clients.
 
 PEFT's layout: for a target module with weight W (m x n), A is (r x n) and B is (m x r),
-and the adapter's weight change is dW_r = s(r) * B[:, :r] @ A[:r] (DESIGN.md §1).
+and the adapter's weight change is dW_r = s(r) * B[:, :r] @ A[:r] (docs/design.md §1).
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ class LoRAPair:
         B[:, : self.rank] = self.B
         return LoRAPair(A, B)
 
-    def delta(self, scale: float = 1.0) -> torch.Tensor:
-        """The weight change ``scale * B @ A`` (out_features, in_features)."""
-        return (self.B @ self.A) * scale
+    def delta(self, scale: float = 1.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The weight change ``scale * B @ A`` (out_features, in_features), computed in ``dtype``."""
+        return (self.B.to(dtype) @ self.A.to(dtype)) * scale
 
     def clone(self) -> LoRAPair:
         return LoRAPair(self.A.detach().clone(), self.B.detach().clone())
@@ -89,15 +89,6 @@ class Scaling:
         if self.kind == "per_rank":
             return self.alpha / r
         return self.alpha / math.sqrt(r)
-
-
-def truncate_adapter(adapter: Adapter, r: int) -> Adapter:
-    """Rank-r prefix of every module (views)."""
-    return {name: pair.truncate(r) for name, pair in adapter.items()}
-
-
-def clone_adapter(adapter: Adapter) -> Adapter:
-    return {name: pair.clone() for name, pair in adapter.items()}
 
 
 def adapter_rank(adapter: Adapter) -> int:

@@ -1,6 +1,6 @@
 """Aggregation rules, one file each, behind one registry.
 
-``aggregate(rule, global_adapter, updates)`` is the public entry point (DESIGN.md §3).
+``aggregate(rule, global_adapter, updates)`` is the public entry point (docs/design.md §4).
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def weighted_delta(
     total: torch.Tensor | None = None
     for w, u in zip(weights.tolist(), updates, strict=True):
         pair: LoRAPair = u.adapter[name]
-        term = (pair.B.double() @ pair.A.double()) * (w * options.scale(u.rank))
+        term = pair.delta(w * options.scale(u.rank))
         total = term if total is None else total + term
     assert total is not None
     return total

@@ -51,7 +51,7 @@ class FLoRA(AggregationRule):
         p = data_weights(updates)
         scale = [self.options.scale(u.rank) for u in updates]
         stacked = stack_updates(updates, p, scale)
-        base_delta = {name: (pair.B.double() @ pair.A.double()).float() for name, pair in stacked.items()}
+        base_delta = {name: pair.delta().float() for name, pair in stacked.items()}
         generator = self.options.generator or torch.Generator().manual_seed(0)
         shapes = {name: (g.B.shape[0], g.A.shape[1]) for name, g in global_adapter.items()}
         fresh = init_adapter(shapes, max_rank, generator)

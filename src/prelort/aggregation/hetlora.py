@@ -58,7 +58,7 @@ def sparsity_weights(updates: Sequence[ClientUpdate], name: str, scale: list[flo
     """p_k proportional to ||s_k B_k A_k||_F for one module (data weights if all are zero)."""
     norms = torch.stack(
         [
-            torch.linalg.matrix_norm(u.adapter[name].B.double() @ u.adapter[name].A.double()) * s
+            torch.linalg.matrix_norm(u.adapter[name].delta()) * s
             for u, s in zip(updates, scale, strict=True)
         ]
     )

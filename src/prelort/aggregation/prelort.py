@@ -1,6 +1,6 @@
 """PreLort's server rule: segment-wise aggregation of prefix-nested client adapters.
 
-The aggregation is exactly ``segment`` (DESIGN.md §1); what makes the method PreLort is the
+The aggregation is exactly ``segment`` (docs/design.md §4.2); what makes the method PreLort is the
 prefix-nested local training (``prelort.training``) that the method table pairs it with.
 """
 

@@ -8,7 +8,7 @@ Segment j holds rank rows [l_{j-1}, l_j); with C_j = {k : r_k >= l_j} and n_k th
 and a segment no client of this round owns keeps its previous global value. Since every
 client rank is a level, per-row ownership (r_k > i) gives exactly the per-segment sets C_j.
 Only weighted sums and per-row weight sums are needed, so it is secure-aggregation friendly.
-See DESIGN.md §1 and Tang et al., "RBLA: Rank-Based-LoRA-Aggregation" (2024).
+See docs/design.md §4.2 and Chen et al., "RBLA: Rank-Based-LoRA-Aggregation" (arXiv 2408.08699, 2024).
 """
 
 from __future__ import annotations

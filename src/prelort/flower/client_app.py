@@ -11,14 +11,22 @@
 
 A SuperNode starts a fresh ClientApp process per message, so the base model is loaded per
 message: LLMs load from the safetensors cache of ``prelort.models.load_causal_lm`` (< 1 s),
-never from GGUF. Where a process serves several messages (Flower's simulation engine) the
-built workload and base model are kept in ``_WORKERS`` and reused.
-Torch and the model code are imported only inside the handlers, so ``query`` stays cheap.
+never from GGUF. Where a process serves several messages (a Ray actor of Flower's simulation
+engine) the built workload and base model are kept in ``_WORKERS`` and reused. Every train
+reply carries a ``worker`` record (the process, ``host:pid``, and how many workloads it has
+built so far), so the server can tell how often models were built.
+
+Imports follow the workload: this module imports only Flower (no torch); a train message
+imports torch, PEFT (which itself imports transformers) and the workload's own modules;
+the synthetic workload loads no pretrained model and reads no data set.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -61,10 +69,15 @@ class _Worker:
 
 
 _WORKERS: dict[str, _Worker] = {}
+_BUILDS = 0
+"""Workloads (base model included) built in this process so far."""
+
+log = logging.getLogger("flwr")
 
 
 def _worker(cfg: Config) -> _Worker:
     """The cached worker for this config's workload and adapter layout (built once per process)."""
+    global _BUILDS
     from prelort.config import config_to_dict
     from prelort.federation.simulator import build_nested
     from prelort.workloads import build_workload
@@ -76,7 +89,14 @@ def _worker(cfg: Config) -> _Worker:
         _WORKERS.clear()  # one model in memory at a time
         workload = build_workload(cfg)
         _WORKERS[key] = _Worker(workload, build_nested(cfg, workload))
+        _BUILDS += 1
+        log.debug("prelort: built the %s workload in process %d", cfg.workload.kind, os.getpid())
     return _WORKERS[key]
+
+
+def _worker_record() -> ConfigRecord:
+    """This process (``host:pid``) and the workloads built in it so far."""
+    return ConfigRecord({"process": f"{socket.gethostname()}:{os.getpid()}", "builds": _BUILDS})
 
 
 def _setup(msg: Message, context: Context) -> tuple[Config, int, int, _Worker, Adapter]:
@@ -118,7 +138,7 @@ def train(msg: Message, context: Context) -> Message:
     """``client_update`` on the received prefix; reply with the trained prefix and n_k."""
     from prelort.federation.core import client_update
     from prelort.federation.plan import build_plan
-    from prelort.flower.records import ADAPTER, METRICS, adapter_to_record
+    from prelort.flower.records import ADAPTER, METRICS, WORKER, adapter_to_record
 
     cfg, client_id, server_round, worker, received = _setup(msg, context)
     plan = build_plan(cfg)
@@ -136,9 +156,10 @@ def train(msg: Message, context: Context) -> Message:
             "examples": res.stats.examples,
         }
     )
-    return Message(
-        RecordDict({ADAPTER: adapter_to_record(res.update.adapter), METRICS: metrics}), reply_to=msg
+    content = RecordDict(
+        {ADAPTER: adapter_to_record(res.update.adapter), METRICS: metrics, WORKER: _worker_record()}
     )
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()

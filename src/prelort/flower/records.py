@@ -22,6 +22,9 @@ CONFIG = "config"
 """ConfigRecord: server-round, client-id and the resolved config as JSON (prelort-config)."""
 METRICS = "metrics"
 """MetricRecord of a reply: client-id, rank, num-examples, train-loss."""
+WORKER = "worker"
+"""ConfigRecord of a train reply: the ClientApp's process (``host:pid``) and ``builds``, the
+workloads (base model included) built in that process so far."""
 
 
 def as_int(value: object, key: str) -> int:

@@ -122,5 +122,7 @@ def run_federation(
         "name": "flower",
         "run_id": str(run_id),
         "nodes": {str(k): str(node) for k, node in sorted(nodes.items())},
+        # the transport updates this dict in place; it is read when results.json is written
+        "workers": transport.worker_stats,
     }
     return run_in_folder(driver, out, log_line=log.info, extra={"engine": engine})

@@ -12,6 +12,10 @@ the in-process simulator) with this transport, which per round
 - pushes the messages, pulls the replies until all are in or the round's deadline passes
   (``send_and_receive``), and turns each reply into a ``ClientOutcome``: an error reply or a
   malformed one becomes a dropped client with its reason, a missing one a timeout.
+
+It also counts the ClientApp processes that answered and the workloads (base models) they
+built (``worker_stats``): one per message in a deployment, where every message gets a fresh
+process, one per Ray actor on Flower's simulation engine.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from prelort.flower.records import (
     BASE_DELTA,
     CONFIG,
     METRICS,
+    WORKER,
     adapter_to_record,
     as_float,
     as_int,
@@ -72,7 +77,9 @@ class FlowerTransport:
     """Executes a round's client jobs on SuperNodes through a Flower ``Grid``.
 
     ``nodes`` maps client id (the node's ``partition-id``) to its Flower node id.
-    ``wire_bytes_down`` of the last round is kept for the round record.
+    ``wire_bytes_down`` of the last round is kept for the round record. ``worker_stats``
+    (updated in place after every round) counts the distinct ClientApp processes that
+    replied (``client_processes``) and the workloads they built (``model_builds``).
     """
 
     def __init__(
@@ -81,6 +88,8 @@ class FlowerTransport:
         self.grid, self.nodes, self.timeout, self.poll = grid, dict(nodes), timeout, poll
         self._config_json = config_to_json(cfg)
         self.wire_bytes_down = 0
+        self.worker_stats: dict[str, int] = {"client_processes": 0, "model_builds": 0}
+        self._builds: dict[str, int] = {}  # process -> workloads it has built so far
 
     def messages(self, round_: int, state: ServerState, jobs: Sequence[ClientJob]) -> list[Message]:
         """One TRAIN message per job with its downlink, the config and FLoRA's base delta."""
@@ -127,8 +136,31 @@ class FlowerTransport:
                 continue
             # the deadline is enforced on the wire, so a reply that arrived is in time
             outcomes[k] = ClientOutcome(k, result, seconds=0.0, wire_bytes_up=wire)
-        log.info("round %d: %d of %d replies in %.1fs", round_, len(outcomes), len(jobs), elapsed)
+            self._count_worker(msg)
+        log.info(
+            "round %d: %d of %d replies in %.1fs (%d client processes, %d model builds so far)",
+            round_,
+            len(outcomes),
+            len(jobs),
+            elapsed,
+            self.worker_stats["client_processes"],
+            self.worker_stats["model_builds"],
+        )
         return list(outcomes.values())
+
+    def _count_worker(self, msg: Message) -> None:
+        """Note the reply's ClientApp process and its build count (replies without one: ignored)."""
+        record = msg.content.config_records.get(WORKER)
+        if record is None:
+            return
+        try:
+            process = str(record["process"])
+            builds = as_int(record["builds"], "builds")
+        except (KeyError, ValueError):
+            return
+        self._builds[process] = max(builds, self._builds.get(process, 0))
+        self.worker_stats["client_processes"] = len(self._builds)
+        self.worker_stats["model_builds"] = sum(self._builds.values())
 
 
 def parse_reply(msg: Message, client_id: int) -> tuple[ClientResult, int]:

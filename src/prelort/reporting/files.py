@@ -62,7 +62,7 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def write_results(out_dir: str | Path, results: dict[str, Any], cfg: Config) -> None:
-    """``results.json`` and the fully resolved ``config.toml`` (DESIGN.md §3)."""
+    """``results.json`` and the fully resolved ``config.toml`` (docs/design.md §7)."""
     out = Path(out_dir)
     write_json(out / "results.json", results)
     atomic_write_text(out / "config.toml", dump_toml(config_to_dict(cfg)))
