@@ -595,11 +595,12 @@ def test_resume_with_no_usable_checkpoint_is_one_line(
 
 # -- 5. lost results: one run per folder, finished runs untouched ---------------------------------
 def test_resume_of_a_finished_run_changes_nothing(capsys: pytest.CaptureFixture[str], run_copy: Path) -> None:
-    before = _tree(run_copy)
+    before, folder_mtime = _tree(run_copy), run_copy.stat().st_mtime_ns
     rc, out, err = _run(capsys, "run", "--resume", str(run_copy), "--quiet")
     assert rc == 0, err
     assert "already finished" in out
     assert _tree(run_copy) == before  # results.json byte-identical, nothing rewritten
+    assert run_copy.stat().st_mtime_ns == folder_mtime  # not even a lock file came and went
 
 
 def test_run_on_a_finished_folder_is_refused(capsys: pytest.CaptureFixture[str], run_copy: Path) -> None:
@@ -626,6 +627,7 @@ def test_second_process_on_the_same_out_is_refused(
     capsys: pytest.CaptureFixture[str], run_copy: Path, tmp_path: Path
 ) -> None:
     fresh = tmp_path / "fresh"
+    (run_copy / "results.json").unlink()  # a killed run, to be resumed
     before = _tree(run_copy)
     holders = [_holder(fresh), _holder(run_copy)]
     try:

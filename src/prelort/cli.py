@@ -198,10 +198,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from prelort.reporting import per_rank_table
     from prelort.workloads import build_workload
 
+    if args.resume and _finished_round(out) == cfg.run.rounds:  # read only: not even a lock file
+        print(f"{out}: already finished ({cfg.run.rounds} rounds); nothing to do, results unchanged")
+        return 0
     with run_lock(out, log=_log_stderr):  # one run per folder, until this process ends
-        if args.resume and _finished_round(out) == cfg.run.rounds:
-            print(f"{out}: already finished ({cfg.run.rounds} rounds); nothing to do, results unchanged")
-            return 0
         if not args.resume and (out / CHECKPOINT_DIR).is_dir():
             raise UserError(
                 f"{out} already holds a run; continue it with --resume {out} or choose another --out"

@@ -40,6 +40,8 @@ class RunSection:
     """Seconds a client may take; a later update is dropped (0: no limit)."""
     max_update_norm: float = 0.0
     """Reject updates whose norm sqrt(sum ||A||^2 + ||B||^2) exceeds this (0: no bound)."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files (per-rank metrics, loss, bytes, passes) to OUT/tensorboard."""
     sampling: Literal["uniform", "stratified"] = "stratified"
     """Client sampling per round: ``uniform`` without replacement, or ``stratified``: every
     rank level in every round when clients_per_round >= number of levels (highest first)."""

@@ -57,10 +57,7 @@ from prelort.aggregation.base import (
 def sparsity_weights(updates: Sequence[ClientUpdate], name: str, scale: list[float]) -> torch.Tensor:
     """p_k proportional to ||s_k B_k A_k||_F for one module (data weights if all are zero)."""
     norms = torch.stack(
-        [
-            torch.linalg.matrix_norm(u.adapter[name].delta()) * s
-            for u, s in zip(updates, scale, strict=True)
-        ]
+        [torch.linalg.matrix_norm(u.adapter[name].delta()) * s for u, s in zip(updates, scale, strict=True)]
     )
     total = norms.sum()
     if not torch.isfinite(total) or total <= 0:

@@ -7,7 +7,7 @@ the paths cannot drift (docs/design.md §6).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -55,6 +55,7 @@ def client_update(
     round_: int,
     plan: RunPlan,
     workload: Workload,
+    on_step: Callable[[], None] | None = None,
 ) -> ClientResult:
     """One client's round: load the received prefix, train locally, return the prefix.
 
@@ -72,7 +73,9 @@ def client_update(
     floor = h.min_rank if h.min_rank is not None else min(plan.levels)
     regulariser = make_regulariser(h.lam, h.gamma, min_rank=floor) if method.self_prune else None
     before = float(tail_norm(nested, rank, h.gamma, min_rank=floor).detach()) if method.self_prune else 0.0
-    stats = train_local(nested, rank, plan.levels, batches, workload.loss, train_cfg, gen, regulariser)
+    stats = train_local(
+        nested, rank, plan.levels, batches, workload.loss, train_cfg, gen, regulariser, on_step
+    )
     new_rank = rank
     if method.self_prune:
         after = float(tail_norm(nested, rank, h.gamma, min_rank=floor).detach())

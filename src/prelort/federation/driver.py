@@ -68,7 +68,12 @@ _BASE_METRICS: weakref.WeakKeyDictionary[Any, dict[str, float]] = weakref.WeakKe
 
 
 def evaluate_per_rank(
-    nested: NestedLoRA, rule: AggregationRule, state: ServerState, levels: Sequence[int], workload: Workload
+    nested: NestedLoRA,
+    rule: AggregationRule,
+    state: ServerState,
+    levels: Sequence[int],
+    workload: Workload,
+    on_level: Callable[[int], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics of the global adapter as a client of each level receives it (``rule.downlink``).
 
@@ -84,6 +89,8 @@ def evaluate_per_rank(
                 base = _BASE_METRICS[workload] = workload.evaluate(nested.model)
         return {str(lv): dict(base) for lv in levels}
     for lv in levels:
+        if on_level is not None:
+            on_level(lv)
         nested.set_adapter(rule.downlink(state.adapter, lv))
         nested.set_rank(lv)
         with torch.no_grad():
@@ -114,6 +121,7 @@ class RoundDriver:
         self.on_state = on_state
         self.on_round = on_round
         self.progress = progress
+        self.view: RoundProgress | None = None
 
     # -- state ---------------------------------------------------------------------------------
     def start(self) -> tuple[ServerState, list[dict[str, Any]]]:
@@ -138,7 +146,10 @@ class RoundDriver:
             self.nested.set_base_delta(state.base_delta)
 
     def evaluate(self, state: ServerState) -> dict[str, dict[str, float]]:
-        return evaluate_per_rank(self.nested, self.rule, state, self.plan.eval_levels, self.workload)
+        on_level = self.view.evaluating if self.view is not None else None
+        return evaluate_per_rank(
+            self.nested, self.rule, state, self.plan.eval_levels, self.workload, on_level
+        )
 
     # -- rounds --------------------------------------------------------------------------------
     def run_round(self, t: int, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
@@ -148,6 +159,8 @@ class RoundDriver:
         sampled = self.plan.sample(t)
         jobs = [ClientJob(k, self.rule.downlink(state.adapter, state.client_ranks[k])) for k in sampled]
         sent = {job.client_id: job.received for job in jobs}
+        if self.view is not None:
+            self.view.round_started(t, [(job.client_id, state.client_ranks[job.client_id]) for job in jobs])
         bytes_down = sum(adapter_num_bytes(job.received) + state.broadcast_bytes for job in jobs)
         outcomes = {o.client_id: o for o in self.transport.execute(t, state, jobs)}
         t_train = time.perf_counter() - t0
@@ -233,11 +246,10 @@ class RoundDriver:
         rounds = list(rounds)
         self.sync(state)
         cfg = self.plan.cfg
-        bar = (
-            _progress_bar(cfg.run.rounds, f"{cfg.run.method} seed {cfg.run.seed}") if self.progress else None
-        )
-        if bar is not None:
-            bar[0].update(bar[1], completed=state.round)
+        if self.progress:
+            self.view = RoundProgress(self.plan, done=state.round)
+        if hasattr(self.transport, "view"):
+            self.transport.view = self.view
         try:
             for t in range(state.round + 1, cfg.run.rounds + 1):
                 state, record = self.run_round(t, state)
@@ -246,12 +258,14 @@ class RoundDriver:
                     self.on_state(state, rounds)
                 if self.on_round:
                     self.on_round(record)
-                if bar is not None:
-                    bar[0].update(bar[1], advance=1)
-                    bar[0].console.print(round_line(record))
+                if self.view is not None:
+                    self.view.round_done(record)
         finally:
-            if bar is not None:
-                bar[0].stop()
+            if self.view is not None:
+                self.view.stop()
+            self.view = None
+            if hasattr(self.transport, "view"):
+                self.transport.view = None
         return state, rounds
 
     def results(self, state: ServerState, rounds: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
@@ -323,10 +337,25 @@ def run_in_folder(
             user_on_state(s, r)
 
     driver.on_state = on_state
+    user_on_round = driver.on_round
+    board = TensorBoardLog(out / "tensorboard") if cfg.run.tensorboard else None
+    if board is not None:
+        for record in rounds:  # what an earlier, interrupted process already logged is rewritten
+            board(record)
+
+        def on_round(record: dict[str, Any]) -> None:
+            assert board is not None
+            board(record)
+            if user_on_round:
+                user_on_round(record)
+
+        driver.on_round = on_round
     try:
         state, rounds = driver.run(state, rounds)
     finally:
-        driver.on_state = user_on_state
+        driver.on_state, driver.on_round = user_on_state, user_on_round
+        if board is not None:
+            board.close()
     results = driver.results(state, rounds, time.perf_counter() - start)
     results.update(extra or {})
     write_results(out, results, cfg)
@@ -347,10 +376,80 @@ def round_line(record: dict[str, Any]) -> str:
     return line
 
 
-def _progress_bar(total: int, label: str) -> tuple[Any, Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+class RoundProgress:
+    """What a person watches: a bar over rounds, and one over the current round's client steps
+    (in-process) with the client and its rank, then the rank level being evaluated."""
 
-    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    task = prog.add_task(label, total=total)
-    prog.start()
-    return prog, task
+    def __init__(self, plan: RunPlan, done: int = 0) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.plan = plan
+        cfg = plan.cfg
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+        )
+        self.rounds = self.bar.add_task(f"{cfg.run.method} seed {cfg.run.seed}", total=cfg.run.rounds)
+        self.inner = self.bar.add_task("", total=1, visible=False)
+        self.bar.update(self.rounds, completed=done)
+        self.t = 0
+        self.clients: list[tuple[int, int]] = []
+        self.bar.start()
+
+    def round_started(self, t: int, clients: list[tuple[int, int]]) -> None:
+        """Round ``t`` sends to ``clients`` = [(client id, rank)]."""
+        self.t, self.clients = t, clients
+        total = sum(self.plan.local_config(r, t).steps for _, r in clients)
+        self.bar.update(
+            self.inner, description=f"round {t}: training", total=total, completed=0, visible=True
+        )
+
+    def client_started(self, index: int, client_id: int, rank: int) -> None:
+        self.bar.update(
+            self.inner,
+            description=f"round {self.t}: client {client_id} (rank {rank}), {index + 1}/{len(self.clients)}",
+        )
+
+    def step(self) -> None:
+        self.bar.advance(self.inner)
+
+    def evaluating(self, level: int) -> None:
+        self.bar.update(self.inner, description=f"evaluating at rank {level}", visible=True)
+
+    def round_done(self, record: dict[str, Any]) -> None:
+        self.bar.update(self.inner, visible=False)
+        self.bar.advance(self.rounds)
+        self.bar.console.print(round_line(record))
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+class TensorBoardLog:
+    """TensorBoard event files of a run (``run.tensorboard``): per round the train loss, bytes,
+    passes and examples, and every evaluated metric per rank level as ``r{level}/{metric}``."""
+
+    def __init__(self, folder: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # tensorboard is an optional extra
+            from prelort.errors import UserError
+
+            raise UserError(
+                f"run.tensorboard = true needs the tensorboard package ({exc}); "
+                "pip install 'prelort[tensorboard]' or set run.tensorboard = false"
+            ) from None
+        self.writer = SummaryWriter(str(folder))
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        t = int(record["round"])
+        for key in ("train_loss", "bytes_up", "bytes_down", "passes", "examples", "seconds"):
+            value = record.get(key)
+            if isinstance(value, int | float) and value == value:  # skip NaN
+                self.writer.add_scalar(f"round/{key}", value, t)
+        for level, metrics in record.get("per_rank", {}).items():
+            for name, value in metrics.items():
+                self.writer.add_scalar(f"r{level}/{name}", value, t)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

@@ -21,6 +21,7 @@ from prelort.federation.driver import (
     ClientOutcome,
     RoundCallback,
     RoundDriver,
+    RoundProgress,
     StateCallback,
     evaluate_per_rank,
     results_dict,
@@ -54,11 +55,17 @@ class InProcessTransport:
         self, plan: RunPlan, nested: NestedLoRA, workload: Workload, client_fn: ClientFn = client_update
     ) -> None:
         self.plan, self.nested, self.workload, self.client_fn = plan, nested, workload, client_fn
+        self.view: RoundProgress | None = None
+        """Set by the driver while a progress display is shown."""
 
     def execute(self, round_: int, state: ServerState, jobs: Sequence[ClientJob]) -> list[ClientOutcome]:
         outcomes = []
-        for job in jobs:
+        for i, job in enumerate(jobs):
             started = time.perf_counter()
+            extra: dict[str, Any] = {}
+            if self.view is not None:
+                self.view.client_started(i, job.client_id, state.client_ranks[job.client_id])
+                extra["on_step"] = self.view.step
             try:
                 res = self.client_fn(
                     self.nested,
@@ -67,6 +74,7 @@ class InProcessTransport:
                     round_=round_,
                     plan=self.plan,
                     workload=self.workload,
+                    **extra,
                 )
             except Exception as exc:  # an unreliable client must not stop the federation
                 outcomes.append(ClientOutcome(job.client_id, error=f"raised {type(exc).__name__}: {exc}"))

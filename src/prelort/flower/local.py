@@ -1,7 +1,11 @@
-"""A loopback Flower deployment in one call: one SuperLink, N SuperNodes, ``flwr run``, cleanup.
+"""A loopback Flower federation in one call: a SuperLink, N (virtual) SuperNodes, ``flwr run``.
 
     python -m prelort.flower.local --nodes 3 --ranks 2,4,8 \\
         --config configs/synthetic.toml --set run.rounds=5 --out runs/flower [--tls | --auth]
+    python -m prelort.flower.local --engine simulation \\
+        --config configs/synthetic.toml --out runs/flower-sim [--workers 2]
+
+**Deployment engine** (the default, ``--engine deployment``)
 
 starts real processes on 127.0.0.1 (free ports):
 
@@ -13,10 +17,25 @@ starts real processes on 127.0.0.1 (free ports):
 - ``flwr run <prelort/flower/app> prelort-local --run-config <file> --stream``, where the run
   config names the fully resolved PreLort config written to ``OUT/flower/prelort.toml``;
 
-then waits for the run, prints the per-rank table from ``OUT/results.json`` and stops every
-process it started, their SuperExec and app processes included. Logs stay in
-``OUT/flower/logs``. Every process gets its own ``FLWR_HOME`` under ``OUT/flower/home``, so
-``~/.flwr`` is not touched.
+**Simulation engine** (``--engine simulation``, needs ``flwr[simulation]``, i.e. Ray)
+
+- ``flower-superlink --simulation --host 127.0.0.1 --port P --insecure
+  --disable-runtime-dependency-installation``: no SuperNode processes; the SuperLink's
+  SuperExec starts ``flwr-simulation``, which runs the ServerApp and a Ray pool of
+  ClientApp workers (actors) for ``clients.num_clients`` virtual SuperNodes;
+- ``flwr run ... --federation-config "num-supernodes=N init-args-num-cpus=W
+  client-resources-num-cpus=1"``: W workers (``--workers``), each keeps its ClientApp module,
+  and so the built workload and base model (``client_app._WORKERS``), across messages.
+  Virtual SuperNode i has ``partition-id`` i and no rank: the ranks come from the run's
+  config (``clients.ranks``, or drawn from ``clients.rank_distribution``). Ray keeps its
+  session files in a fresh ``RAY_TMPDIR`` under the system's temp folder (Unix socket paths
+  must stay short), removed at the end.
+
+Either way it then waits for the run, prints the per-rank table from ``OUT/results.json``
+(written by the ServerApp, the same file as ``prelort run``) and stops every process it
+started, their SuperExec, app and Ray processes included. Logs stay in ``OUT/flower/logs``.
+Every process gets its own ``FLWR_HOME`` under ``OUT/flower/home``, so ``~/.flwr`` is not
+touched.
 """
 
 from __future__ import annotations
@@ -31,6 +50,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -43,6 +63,7 @@ from prelort.errors import UserError
 from prelort.flower import APP_DIR
 
 CONNECTION = "prelort-local"
+ENGINES = ("deployment", "simulation")
 
 
 def free_ports(n: int) -> list[int]:
@@ -155,28 +176,55 @@ class LocalFederation:
         Logs, FLWR_HOMEs, certificates and the run config go here.
     ranks : Sequence[int]
         Rank capacity of SuperNode i (its ``partition-id`` is i).
+        On the simulation engine only the count matters (one virtual SuperNode per entry);
+        the ranks then come from the run's config.
     tls : bool
         Serve the SuperLink over TLS with a fresh test CA (``certs.make_test_pki``).
     auth : bool
         Enable SuperNode authentication and register one key per node (implies ``tls``).
+    engine : str
+        ``"deployment"`` (SuperNode processes) or ``"simulation"`` (Flower's simulation
+        engine: a ``--simulation`` SuperLink and a Ray pool of ClientApp workers).
+    workers : int
+        Simulation engine: ClientApp workers (Ray actors), each with its own model copy.
     """
 
     workdir: Path
     ranks: Sequence[int]
     tls: bool = False
     auth: bool = False
+    engine: str = "deployment"
+    workers: int = 1
     port: int = 0
     """The SuperLink's port (all its APIs), chosen at ``start``."""
     ca_cert: Path | None = None
     """The test CA SuperNodes and the CLI trust (TLS only)."""
     processes: list[Started] = field(default_factory=list)
     node_keys: list[Path] = field(default_factory=list)
+    ray_tmp: Path | None = None
+    """Simulation engine: Ray's temp folder (``RAY_TMPDIR``), removed by ``close``."""
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).absolute()
         self.tls = self.tls or self.auth
         self.logs = self.workdir / "logs"
         self.pki_dir = self.workdir / "pki"
+        if self.engine not in ENGINES:
+            raise UserError(f"engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
+        if self.simulation and self.tls:
+            raise UserError("TLS and SuperNode authentication apply to the deployment engine only")
+        if self.workers < 1:
+            raise UserError(f"workers must be a positive integer, got {self.workers}")
+
+    @property
+    def simulation(self) -> bool:
+        """True on Flower's simulation engine."""
+        return self.engine == "simulation"
+
+    def threads_per_process(self) -> int:
+        """Torch threads for each ClientApp process (SuperNode or simulation worker)."""
+        share = len(self.ranks) if not self.simulation else min(self.workers, max(1, len(self.ranks)))
+        return max(1, (os.cpu_count() or 1) // max(1, share))
 
     # -- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> LocalFederation:
@@ -201,6 +249,9 @@ class LocalFederation:
         env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
         env.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage reports from test federations
         env.setdefault("PYTHONUNBUFFERED", "1")
+        if self.ray_tmp is not None:  # a Ray instance of our own, not one the environment names
+            env["RAY_TMPDIR"] = str(self.ray_tmp)
+            env.pop("RAY_ADDRESS", None)
         Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
         return env
 
@@ -223,6 +274,9 @@ class LocalFederation:
     def start(self) -> None:
         """SuperLink, node registration (auth), SuperNodes, and the CLI connection."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.simulation:
+            self.start_simulation()
+            return
         if self.tls:
             from prelort.flower.certs import make_test_pki
 
@@ -258,6 +312,34 @@ class LocalFederation:
             self.register(key.with_name(key.name + ".pub"))
         for i, rank in enumerate(self.ranks):
             self.start_supernode(i, rank, self.node_keys[i] if self.auth else None)
+
+    def start_simulation(self) -> None:
+        """A ``--simulation`` SuperLink (no SuperNodes: ``flwr run`` names their number)."""
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise UserError("the simulation engine needs Ray: pip install 'flwr[simulation]'")
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="prelort-ray-"))
+        self.port = free_ports(1)[0]
+        cmd = [
+            _tool("flower-superlink"),
+            "--simulation",
+            "--insecure",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",
+        ]
+        link = self._spawn("superlink", cmd, "superlink", self.threads_per_process())
+        self._write_cli_config()
+        self._wait_for_port(link, self.port, timeout=60)
+
+    def federation_config(self) -> str:
+        """``flwr run --federation-config`` of the simulation engine: nodes and Ray workers."""
+        return (
+            f"num-supernodes={len(self.ranks)} init-args-num-cpus={self.workers} client-resources-num-cpus=1"
+        )
 
     def start_supernode(
         self, partition_id: int, rank: int | None, key: Path | None, name: str = ""
@@ -340,8 +422,10 @@ class LocalFederation:
         nodes: list[dict[str, Any]] = data.get("nodes", []) if isinstance(data, dict) else data
         return nodes
 
-    def run(self, run_config: dict[str, str | int | float], *, timeout: float = 3600) -> int:
-        """``flwr run`` the PreLort app with ``run_config``; wait for it; return the run id.
+    def run(
+        self, run_config: dict[str, str | int | float], *, timeout: float = 3600, app_dir: Path = APP_DIR
+    ) -> int:
+        """``flwr run`` the PreLort app (or ``app_dir``) with ``run_config``; wait; return the run id.
 
         RuntimeError (pointing at the logs) if the run does not finish successfully.
         """
@@ -351,7 +435,9 @@ class LocalFederation:
         )
         log = self.logs / "flwr-run.log"
         self.logs.mkdir(parents=True, exist_ok=True)
-        cmd = [_tool("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", str(conf_file), "--stream"]
+        cmd = [_tool("flwr"), "run", str(app_dir), CONNECTION, "--run-config", str(conf_file), "--stream"]
+        if self.simulation:
+            cmd += ["--federation-config", self.federation_config()]
         with open(log, "w", encoding="utf-8") as f:
             proc = subprocess.Popen(
                 cmd,
@@ -421,6 +507,9 @@ class LocalFederation:
             if not leftovers:
                 break
         self.processes.clear()
+        if self.ray_tmp is not None:
+            shutil.rmtree(self.ray_tmp, ignore_errors=True)
+            self.ray_tmp = None
 
 
 def _run_id(log: Path) -> int | None:
@@ -436,19 +525,22 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def resolve_config(
     config: str | None,
     overrides: Sequence[str],
-    nodes: int,
+    nodes: int | None,
     ranks: Sequence[int] | None,
     notes: list[str] | None = None,
 ) -> Config:
     """The run's validated Config for ``nodes`` SuperNodes, one client each.
 
-    Sets ``clients.num_clients = nodes`` and, if given, ``clients.ranks = ranks``; a config
-    that samples more clients per round than there are nodes samples all of them (a line
-    saying so is appended to ``notes``). ConfigError/UserError with one line otherwise.
+    Sets ``clients.num_clients = nodes`` (None: the config's ``clients.num_clients``) and, if
+    given, ``clients.ranks = ranks``; a config that samples more clients per round than there
+    are nodes samples all of them (a line saying so is appended to ``notes``).
+    ConfigError/UserError with one line otherwise.
     """
-    if ranks is not None and len(ranks) != nodes:
-        raise UserError(f"--ranks has {len(ranks)} entries for --nodes {nodes}; give one rank per node")
     requested = load_config(config, overrides)
+    if nodes is None:
+        nodes = requested.clients.num_clients
+    if ranks is not None and len(ranks) != nodes:
+        raise UserError(f"--ranks has {len(ranks)} entries for {nodes} nodes; give one rank per node")
     extra = [f"clients.num_clients={nodes}"]
     if ranks is not None:
         extra.append(f"clients.ranks=[{', '.join(map(str, ranks))}]")
@@ -463,18 +555,33 @@ def resolve_config(
 
 
 def run_local(
-    cfg: Config, out: str | Path, *, tls: bool = False, auth: bool = False, timeout: float = 3600
+    cfg: Config,
+    out: str | Path,
+    *,
+    tls: bool = False,
+    auth: bool = False,
+    timeout: float = 3600,
+    engine: str = "deployment",
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Run ``cfg`` on a loopback federation (one node per client); return ``results.json``."""
+    """Run ``cfg`` on a loopback federation (one node per client); return ``results.json``.
+
+    ``engine="simulation"`` runs it on Flower's simulation engine with ``workers`` Ray
+    ClientApp workers instead of SuperNode processes.
+    """
     from prelort.federation.plan import assign_ranks
 
     out = Path(out).absolute()
     work = out / "flower"
+    fed = LocalFederation(work, assign_ranks(cfg), tls=tls, auth=auth, engine=engine, workers=workers)
     work.mkdir(parents=True, exist_ok=True)
     conf = work / "prelort.toml"
     conf.write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")
-    with LocalFederation(work, assign_ranks(cfg), tls=tls, auth=auth) as fed:
-        fed.run({"config": str(conf), "out": str(out)}, timeout=timeout)
+    run_config: dict[str, str | int | float] = {"config": str(conf), "out": str(out)}
+    if fed.simulation:  # the simulation engine's grid is in memory: pulling often costs nothing
+        run_config["poll-interval"] = 0.02
+    with fed:
+        fed.run(run_config, timeout=timeout)
     results: dict[str, Any] = json.loads((out / "results.json").read_text(encoding="utf-8"))
     return results
 
@@ -482,23 +589,48 @@ def run_local(
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m prelort.flower.local",
-        description="Run a PreLort config on a loopback Flower deployment (SuperLink + N SuperNodes).",
+        description="Run a PreLort config on a loopback Flower federation: a deployment (SuperLink + "
+        "N SuperNode processes) or Flower's simulation engine (N virtual SuperNodes on Ray).",
     )
-    p.add_argument("--nodes", type=int, required=True, help="number of SuperNodes (= clients.num_clients)")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="deployment",
+        help="deployment: SuperNode processes; simulation: Flower's simulation engine "
+        "(needs flwr[simulation])",
+    )
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=None,
+        help="number of SuperNodes = clients.num_clients (default: the config's)",
+    )
     p.add_argument("--ranks", default="", help="rank per node, e.g. 2,4,8 (default: from the config)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="simulation engine: ClientApp workers (Ray actors), each holding one model copy (default 1)",
+    )
     p.add_argument("--config", default=None, help="PreLort TOML config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--out", required=True, help="results folder (results.json, logs in OUT/flower/logs)")
-    p.add_argument("--tls", action="store_true", help="TLS between SuperNodes and SuperLink (test CA)")
-    p.add_argument("--auth", action="store_true", help="SuperNode authentication (implies --tls)")
+    p.add_argument(
+        "--tls", action="store_true", help="deployment: TLS between SuperNodes and SuperLink (test CA)"
+    )
+    p.add_argument("--auth", action="store_true", help="deployment: SuperNode authentication (implies --tls)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds for the whole run")
     args = p.parse_args(argv)
     # `kill` must stop the federation too: SystemExit unwinds through LocalFederation.close
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     try:
-        if args.nodes <= 0:
+        if args.nodes is not None and args.nodes <= 0:
             raise UserError("--nodes must be a positive integer")
+        if args.workers <= 0:
+            raise UserError("--workers must be a positive integer")
+        if args.engine == "simulation" and (args.tls or args.auth):
+            raise UserError("--tls and --auth apply to --engine deployment only")
         try:
             ranks = [int(r) for r in args.ranks.split(",") if r.strip()] if args.ranks else None
         except ValueError:
@@ -507,7 +639,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = resolve_config(args.config, args.set, args.nodes, ranks, notes)
         for note in notes:
             print(note, file=sys.stderr)
-        results = run_local(cfg, args.out, tls=args.tls, auth=args.auth, timeout=args.timeout)
+        results = run_local(
+            cfg,
+            args.out,
+            tls=args.tls,
+            auth=args.auth,
+            timeout=args.timeout,
+            engine=args.engine,
+            workers=args.workers,
+        )
     except UserError as exc:
         print(f"prelort.flower.local: error: {exc}", file=sys.stderr)
         return 2

@@ -90,8 +90,12 @@ def train_local(
     config: LocalTrainConfig,
     generator: torch.Generator,
     regulariser: Regulariser | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> TrainStats:
-    """Train ``nested`` (already holding the client's prefix) for ``config.steps`` steps."""
+    """Train ``nested`` (already holding the client's prefix) for ``config.steps`` steps.
+
+    ``on_step`` is called after every optimiser step (progress display).
+    """
     trained_dims = {"both": (0, 1), "A": (0,), "B": (1,)}[config.factors]
     params = [(p, d) for p, d in nested.parameters_with_rank_dim() if d in trained_dims]
     for p, _ in params:
@@ -134,6 +138,8 @@ def train_local(
                 torch.nn.utils.clip_grad_norm_([p for p, _ in params], config.max_grad_norm)
             opt.step(max(lv for lv, _ in plan))
             total += step_loss
+            if on_step is not None:
+                on_step()
     finally:
         nested.set_rank(rank)
         nested.model.eval()
