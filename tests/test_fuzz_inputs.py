@@ -283,6 +283,31 @@ def test_unreadable_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Pa
     _one_line_error(rc, err, str(cfg), "ermission")
 
 
+def test_unreadable_config_and_read_only_out_even_as_root(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The same two cases with the permission errors simulated (root ignores permissions)."""
+    cfg = tmp_path / "c.toml"
+    shutil.copy(CONFIG, cfg)
+    read_text = Path.read_text
+
+    def refuse(self: Path, *args: Any, **kwargs: Any) -> str:
+        if self == cfg:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    rc, _, err = _run(capsys, "run", "--config", str(cfg), "--out", str(tmp_path / "o"))
+    _one_line_error(rc, err, str(cfg), "Permission denied", "permissions")
+    monkeypatch.undo()
+    ro, access = tmp_path / "ro", os.access
+    ro.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else access(p, mode))
+    rc, _, err = _run(capsys, "run", "--config", CONFIG, "--out", str(ro / "run"), *SETS)
+    _one_line_error(rc, err, str(ro), "not writable")
+    assert list(ro.iterdir()) == []
+
+
 def test_config_that_is_a_folder_or_not_text(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     rc, _, err = _run(capsys, "run", "--config", str(tmp_path), "--out", str(tmp_path / "o"))
     _one_line_error(rc, err, str(tmp_path))

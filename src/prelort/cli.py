@@ -233,6 +233,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from prelort.config import load_config
     from prelort.federation.methods import METHODS, oracle_level
+    from prelort.lock import run_lock
 
     methods = _parse_list(args.methods, "methods")
     unknown = [m for m in methods if m not in METHODS and oracle_level(m) is None]
@@ -265,7 +266,8 @@ def _compare(args: argparse.Namespace) -> int:
                 continue
             if workload is None:
                 workload = build_workload(cfg)
-            runs.append(execute_run(cfg, workload, run_dir, progress=not args.quiet, console=console))
+            with run_lock(run_dir, log=_log_stderr):  # a `run --resume` of this folder must wait
+                runs.append(execute_run(cfg, workload, run_dir, progress=not args.quiet, console=console))
     summary = summarise(runs)
     summary["config"] = str(args.config)
     summary["overrides"] = list(args.set)
@@ -318,7 +320,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
             f"--rank {args.rank} outside 1..{cfg.max_rank} (the run's levels: {cfg.clients.levels})"
         )
     plan = build_plan(cfg)
-    rank_r = plan.make_rule().downlink(adapter, args.rank)
+    rule = plan.make_rule()
+    if rule.fold(adapter, args.rank) is not None:
+        raise UserError(
+            f"--rank {args.rank}: a rank-{args.rank} client of a {cfg.run.method} run holds the full model, "
+            f"part of it folded into the base weights, which a rank-{args.rank} LoRA adapter cannot carry; "
+            f"export --rank {cfg.max_rank} (the whole model) or use `prelort eval --run`"
+        )
+    rank_r = rule.downlink(adapter, args.rank)
     out = export_peft_adapter(
         rank_r, plan.scaling(args.rank), args.out, base_model_name_or_path=_base_model_path(cfg)
     )
@@ -361,7 +370,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if delta is not None:
             nested.set_base_delta(delta)
         rule = build_plan(cfg).make_rule()
-        state = ServerState(round=-1, adapter=adapter, client_ranks=())
+        state = ServerState(round=-1, adapter=adapter, client_ranks=(), base_delta=delta)
         metrics = evaluate_per_rank(nested, rule, state, levels, workload)
     print(json.dumps(metrics, indent=2))
     if args.out:

@@ -120,26 +120,15 @@ def init_adapter(shapes: dict[str, tuple[int, int]], rank: int, generator: torch
 
 def save_adapter(adapter: Adapter, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Save as safetensors (``<module>.A`` / ``<module>.B``), atomically."""
-    import os
-    import tempfile
+    from safetensors.torch import save
 
-    from safetensors.torch import save_file
+    from prelort.reporting.files import atomic_write_bytes
 
-    path = Path(path)
     tensors = {}
     for name, pair in adapter.items():
         tensors[f"{name}.A"] = pair.A.detach().contiguous().float()
         tensors[f"{name}.B"] = pair.B.detach().contiguous().float()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
 
 
 def load_adapter(path: str | Path) -> Adapter:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from prelort.adapters.state import Adapter, Scaling
-from prelort.aggregation import fedit, flexlora, flora, hetlora, prelort, segment
+from prelort.aggregation import fed_plora, fedit, flexlora, flora, florist, hetlora, prelort, rb_lora, segment
 from prelort.aggregation.base import (
     RULES,
     AggregationResult,
@@ -27,12 +27,15 @@ __all__ = [
     "ClientUpdate",
     "RuleOptions",
     "aggregate",
+    "fed_plora",
     "fedit",
     "flexlora",
     "flora",
+    "florist",
     "get_rule",
     "hetlora",
     "prelort",
+    "rb_lora",
     "segment",
 ]
 

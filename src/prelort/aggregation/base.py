@@ -38,20 +38,39 @@ class RuleOptions:
 
     With ``seed`` set, ``server_update`` gives every round its own generator seeded by
     (seed, round), so a resumed run draws exactly what an uninterrupted one would.
+    ``server_update`` also sets ``round`` (the round being aggregated), so a rule whose
+    per-client choices derive from (seed, round, client) (Fed-PLoRA's module selection) can
+    map each update back; ``energy_threshold`` is FLoRIST's singular-value energy share tau.
     """
 
     scaling: Scaling | None = None
     generator: torch.Generator | None = None
     seed: int | None = None
+    round: int | None = None
+    energy_threshold: float = 0.9
 
     def scale(self, r: int) -> float:
         return 1.0 if self.scaling is None else self.scaling(r)
 
 
+@dataclass(frozen=True)
+class Fold:
+    """A per-client weight delta added to the frozen base weights before local training.
+
+    ``delta`` maps module names to ``out x in`` tensors on top of the global base delta (if any);
+    ``num_bytes`` is what it costs to send: for Fed-PLoRA the client computes the fold itself
+    from the unselected one-rank modules, so it costs their factors, not the dense matrices.
+    """
+
+    delta: dict[str, torch.Tensor]
+    num_bytes: int
+
+
 class AggregationRule:
     """Base class: ``aggregate`` builds the new global adapter, ``downlink`` what a client gets.
 
-    The default downlink is the rank-r prefix (A[:r], B[:, :r]) of the global adapter.
+    The default downlink is the rank-r prefix (A[:r], B[:, :r]) of the global adapter, with no
+    ``fold``.
     """
 
     name: ClassVar[str] = ""
@@ -62,8 +81,22 @@ class AggregationRule:
     def aggregate(self, global_adapter: Adapter, updates: Sequence[ClientUpdate]) -> AggregationResult:
         raise NotImplementedError
 
-    def downlink(self, global_adapter: Adapter, rank: int) -> Adapter:
+    def downlink(
+        self, global_adapter: Adapter, rank: int, *, client_id: int | None = None, round_: int | None = None
+    ) -> Adapter:
+        """What client ``client_id`` of rank ``rank`` receives in round ``round_``.
+
+        Without a client id (evaluation, export) it is what a rank-r client holds: together
+        with ``fold`` it is exactly the model that per-rank evaluation scores at level r.
+        """
         return {name: pair.truncate(rank).clone() for name, pair in global_adapter.items()}
+
+    def fold(
+        self, global_adapter: Adapter, rank: int, *, client_id: int | None = None, round_: int | None = None
+    ) -> Fold | None:
+        """Weight delta the client adds to its frozen base weights with this downlink (default:
+        none). The transports add it before the client trains and remove it afterwards."""
+        return None
 
 
 RULES: dict[str, type[AggregationRule]] = {}

@@ -56,7 +56,9 @@ class FlexLoRA(AggregationRule):
             out[name] = LoRAPair(f.A.to(g.A.dtype), f.B.to(g.B.dtype))
         return AggregationResult(out)
 
-    def downlink(self, global_adapter: Adapter, rank: int) -> Adapter:
+    def downlink(
+        self, global_adapter: Adapter, rank: int, *, client_id: int | None = None, round_: int | None = None
+    ) -> Adapter:
         """Rank-r SVD truncation: the prefix of (U S, V^T) rescaled from s(R) to s(r)."""
         out: Adapter = {}
         for name, pair in global_adapter.items():

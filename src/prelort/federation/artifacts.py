@@ -1,13 +1,15 @@
 """The global model a run leaves behind: ``global_adapter.safetensors`` (+ FLoRA's base delta).
 
 Both files carry a SHA-256 of their tensors (keys, dtypes, shapes, bytes) in the safetensors
-metadata, written atomically (``reporting.files.atomic_write_bytes``) and checked on every
-load, so ``prelort export`` / ``eval`` refuse a damaged file instead of using its bytes.
+metadata (``prelort = "round=N;sha256=..."``), are written atomically
+(``reporting.files.atomic_write_bytes``) and are checked on every load, so ``prelort export`` /
+``eval`` refuse a damaged file instead of using its bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import torch
@@ -20,6 +22,8 @@ ADAPTER_FILE = "global_adapter.safetensors"
 BASE_DELTA_FILE = "base_delta.safetensors"
 _LEGACY_METADATA = {"round"}
 """Files written before checksums had only this metadata; they are read unverified."""
+_META_KEY = "prelort"
+_META = re.compile(r"round=-?\d+;sha256=([0-9a-f]{64})")
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -35,7 +39,8 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 def _write(path: Path, tensors: dict[str, torch.Tensor], round_: int) -> None:
     from safetensors.torch import save as safetensors_bytes
 
-    meta = {"round": str(round_), "sha256": tensors_sha256(tensors)}
+    # one metadata entry: safetensors orders several at random, and the bytes should not vary
+    meta = {_META_KEY: f"round={round_};sha256={tensors_sha256(tensors)}"}
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata=meta))
 
 
@@ -51,10 +56,14 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"{path}: damaged file ({type(exc).__name__}: {exc}); run the training again"
         ) from None
-    if set(metadata) <= _LEGACY_METADATA:
+    if set(metadata) == _LEGACY_METADATA:
         return tensors
-    expected = metadata.get("sha256")
-    if expected is None or expected != tensors_sha256(tensors):
+    m = _META.fullmatch(metadata.get(_META_KEY, "")) if set(metadata) == {_META_KEY} else None
+    if m is None:
+        raise ValueError(
+            f"{path}: damaged file (no prelort checksum in its metadata); run the training again"
+        )
+    if m.group(1) != tensors_sha256(tensors):
         raise ValueError(
             f"{path}: damaged file (its tensors do not match their checksum); run the training again"
         )

@@ -93,9 +93,12 @@ def server_update(
     state: ServerState, rule: AggregationRule, updates: Sequence[ClientUpdate]
 ) -> tuple[ServerState, AggregationResult]:
     """Aggregate one round's updates into the next server state."""
+    t = state.round + 1
+    gen = rule.options.generator
     if rule.options.seed is not None:  # per-round randomness (FLoRA's fresh factors), resumable
-        gen = generator_for(rule.options.seed, "rule", state.round + 1)
-        rule = type(rule)(replace(rule.options, generator=gen))
+        gen = generator_for(rule.options.seed, "rule", t)
+    # the round lets a rule recompute per-client choices from (seed, round, client) (Fed-PLoRA)
+    rule = type(rule)(replace(rule.options, generator=gen, round=t))
     result = rule.aggregate(state.adapter, updates)
     base = state.base_delta
     if result.base_delta is not None:

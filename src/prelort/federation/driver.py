@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,10 +38,32 @@ StateCallback = Callable[[ServerState, list[dict[str, Any]]], None]
 
 @dataclass(frozen=True)
 class ClientJob:
-    """What one sampled client is sent: its id and its downlink adapter."""
+    """What one sampled client is sent: its id, its downlink adapter and, for rules that fold
+    part of the global model into the client's frozen weights (Fed-PLoRA), its ``fold``."""
 
     client_id: int
     received: Adapter
+    fold: dict[str, torch.Tensor] | None = None
+    """Weight delta added on top of the global base delta while this client trains."""
+    fold_bytes: int = 0
+    """What sending the fold costs (``Fold.num_bytes``), counted in ``bytes_down``."""
+
+
+@contextmanager
+def folded(
+    nested: NestedLoRA, base_delta: dict[str, torch.Tensor] | None, fold: dict[str, torch.Tensor] | None
+) -> Iterator[None]:
+    """Within the block the base weights are W0 + ``base_delta`` + ``fold``; afterwards
+    W0 + ``base_delta`` again (bit-identical: ``set_base_delta`` recomputes from W0)."""
+    if not fold:
+        yield
+        return
+    base = base_delta or {}
+    nested.set_base_delta({k: base[k] + v if k in base else v for k, v in fold.items()})
+    try:
+        yield
+    finally:
+        nested.set_base_delta({k: base[k] if k in base else torch.zeros_like(v) for k, v in fold.items()})
 
 
 @dataclass(frozen=True)
@@ -75,7 +98,8 @@ def evaluate_per_rank(
     workload: Workload,
     on_level: Callable[[int], None] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Metrics of the global adapter as a client of each level receives it (``rule.downlink``).
+    """Metrics of the global model as a client of each level holds it: ``rule.downlink`` at
+    the level, with ``rule.fold`` added to the base weights where the rule folds (Fed-PLoRA).
 
     While B = 0 everywhere (round 0, every method) the model is the base model at every
     level, so it is evaluated once per workload and the result reused.
@@ -93,7 +117,8 @@ def evaluate_per_rank(
             on_level(lv)
         nested.set_adapter(rule.downlink(state.adapter, lv))
         nested.set_rank(lv)
-        with torch.no_grad():
+        fold = rule.fold(state.adapter, lv)
+        with torch.no_grad(), folded(nested, state.base_delta, fold.delta if fold else None):
             out[str(lv)] = workload.evaluate(nested.model)
     return out
 
@@ -152,16 +177,27 @@ class RoundDriver:
         )
 
     # -- rounds --------------------------------------------------------------------------------
+    def job(self, state: ServerState, k: int, t: int) -> ClientJob:
+        """Client ``k``'s job in round ``t``: its downlink and, if the rule folds, its fold."""
+        rank = state.client_ranks[k]
+        received = self.rule.downlink(state.adapter, rank, client_id=k, round_=t)
+        fold = self.rule.fold(state.adapter, rank, client_id=k, round_=t)
+        if fold is None:
+            return ClientJob(k, received)
+        return ClientJob(k, received, fold.delta, fold.num_bytes)
+
     def run_round(self, t: int, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
         """One federated round; returns the new state and the round's ``results.json`` record."""
         t0 = time.perf_counter()
         run = self.plan.cfg.run
         sampled = self.plan.sample(t)
-        jobs = [ClientJob(k, self.rule.downlink(state.adapter, state.client_ranks[k])) for k in sampled]
+        jobs = [self.job(state, k, t) for k in sampled]
         sent = {job.client_id: job.received for job in jobs}
         if self.view is not None:
             self.view.round_started(t, [(job.client_id, state.client_ranks[job.client_id]) for job in jobs])
-        bytes_down = sum(adapter_num_bytes(job.received) + state.broadcast_bytes for job in jobs)
+        bytes_down = sum(
+            adapter_num_bytes(job.received) + state.broadcast_bytes + job.fold_bytes for job in jobs
+        )
         outcomes = {o.client_id: o for o in self.transport.execute(t, state, jobs)}
         t_train = time.perf_counter() - t0
         updates: list[ClientUpdate] = []

@@ -18,7 +18,8 @@ class MethodSpec:
     """How a method trains and aggregates, and what its per-rank column means.
 
     ``family`` (docs/design.md §4): ``rank-limited`` methods evaluate a rank-r adapter at
-    level r; ``merged`` (FLoRA) evaluates the merged full model at every level;
+    level r; ``merged`` (FLoRA, FLoRIST: merged into the base weights; Fed-PLoRA: the folded
+    full model every client trains on) evaluates one full model, the same at every level;
     ``homogeneous`` (FedIT) trains every client at one rank and is a reference.
     """
 
@@ -50,6 +51,23 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("hetlora", "hetlora", self_prune=True, summary="HetLoRA (Cho et al. 2024)"),
         MethodSpec("flexlora", "flexlora", summary="FlexLoRA (Bai et al. 2024)"),
         MethodSpec("flora", "flora", family="merged", summary="FLoRA (Wang et al. 2024)"),
+        MethodSpec(
+            "fed-plora",
+            "fed-plora",
+            family="merged",
+            summary="Fed-PLoRA (Zhang et al. 2026): one-rank modules, Select-N-Fold",
+        ),
+        MethodSpec(
+            "florist",
+            "florist",
+            family="merged",
+            summary="FLoRIST (Ramesh and Dass 2026): stacked SVD, singular-value thresholding",
+        ),
+        MethodSpec(
+            "rb-lora",
+            "rb-lora",
+            summary="RB-LoRA (Ha et al. 2026): rank-balanced weights, SVD projection",
+        ),
         MethodSpec(
             "fedit", "fedit", family="homogeneous", homogeneous="min", summary="FedIT, every client at r_min"
         ),

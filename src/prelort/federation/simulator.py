@@ -24,6 +24,7 @@ from prelort.federation.driver import (
     RoundProgress,
     StateCallback,
     evaluate_per_rank,
+    folded,
     results_dict,
 )
 from prelort.federation.plan import RunPlan, build_plan
@@ -49,7 +50,8 @@ def build_nested(plan: RunPlan | Config, workload: Workload) -> NestedLoRA:
 
 
 class InProcessTransport:
-    """Runs each job's ``client_fn`` on the shared model, one client after another."""
+    """Runs each job's ``client_fn`` on the shared model, one client after another; a job's
+    ``fold`` is added to the base weights while its client trains and removed afterwards."""
 
     def __init__(
         self, plan: RunPlan, nested: NestedLoRA, workload: Workload, client_fn: ClientFn = client_update
@@ -67,15 +69,16 @@ class InProcessTransport:
                 self.view.client_started(i, job.client_id, state.client_ranks[job.client_id])
                 extra["on_step"] = self.view.step
             try:
-                res = self.client_fn(
-                    self.nested,
-                    job.received,
-                    client_id=job.client_id,
-                    round_=round_,
-                    plan=self.plan,
-                    workload=self.workload,
-                    **extra,
-                )
+                with folded(self.nested, state.base_delta, job.fold):  # Fed-PLoRA: W0 (+ merged) + fold
+                    res = self.client_fn(
+                        self.nested,
+                        job.received,
+                        client_id=job.client_id,
+                        round_=round_,
+                        plan=self.plan,
+                        workload=self.workload,
+                        **extra,
+                    )
             except Exception as exc:  # an unreliable client must not stop the federation
                 outcomes.append(ClientOutcome(job.client_id, error=f"raised {type(exc).__name__}: {exc}"))
                 continue

@@ -32,8 +32,9 @@ FAMILY_NOTES = {
         "(FlexLoRA: its rank-r SVD truncation)."
     ),
     "merged": (
-        "FLoRA merges every round's update into the base weights, so its rank-r model is the "
-        "merged full-rank model, identical at every level."
+        "FLoRA and FLoRIST merge every round's update into the base weights, and Fed-PLoRA folds "
+        "the modules a client does not train into them, so a rank-r client's model is the "
+        "merged (folded) full-rank model, identical at every level."
     ),
     "homogeneous": (
         "FedIT with every client at one rank (fedit: r_min, fedit-max: r_max), its global adapter "
@@ -84,12 +85,14 @@ _ORACLE = re.compile(r"^fedit-r(\d+)$")
 
 
 def method_family(method: str) -> str:
-    """Family of a method from its name: fedit* homogeneous, flora merged, others rank-limited."""
-    if method.startswith("fedit"):
-        return "homogeneous"
-    if method == "flora":
-        return "merged"
-    return "rank-limited"
+    """Family of a method from its name: the method table's, else fedit* homogeneous, others
+    rank-limited (results written before a method was added carry no family)."""
+    from prelort.federation.methods import get_method
+
+    try:
+        return get_method(method).family
+    except ValueError:
+        return "homogeneous" if method.startswith("fedit") else "rank-limited"
 
 
 def oracle_level(method: str) -> int | None:
