@@ -231,7 +231,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from prelort.config import load_config
+    from prelort.config import config_to_dict, load_config
     from prelort.federation.methods import METHODS, oracle_level
     from prelort.lock import run_lock
 
@@ -261,7 +261,12 @@ def _compare(args: argparse.Namespace) -> int:
             run_dir = out / "runs" / f"{method}-seed{seed}"
             existing = run_dir / "results.json"
             if existing.is_file():  # finished earlier: reuse, nothing computed is lost
-                runs.append(json.loads(existing.read_text(encoding="utf-8")))
+                done = json.loads(existing.read_text(encoding="utf-8"))
+                if done.get("config") != config_to_dict(cfg):
+                    raise UserError(
+                        f"{existing} was run with another configuration; move it away or choose another --out"
+                    )
+                runs.append(done)
                 console.print(f"reusing {existing}")
                 continue
             if workload is None:

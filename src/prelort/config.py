@@ -77,7 +77,9 @@ class TrainSection:
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 32
-    nested_mode: Literal["all", "sample"] = "all"
+    nested_mode: Literal["all", "sample"] = "sample"
+    """``sample`` (one level per step, one pass) won over ``all`` at matched passes in the
+    nested-objective study (bench/results/nested_study); ``own_weight`` 0.7 likewise."""
     own_weight: float | Literal["equal", "geometric"] = 0.7
     """Share of the client's own rank among its nested levels; "equal" weights; or
     "geometric": c_l proportional to 2^j for the j-th level (each level twice the one below)."""

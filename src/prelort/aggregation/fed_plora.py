@@ -1,31 +1,33 @@
 """Fed-PLoRA: parallel one-rank modules with Select-N-Fold (Zhang, Hu, Xu, ICLR 2026).
 
 Zhang et al., "Heterogeneous Federated Fine-Tuning with Parallel One-Rank Adaptation",
-ICLR 2026 (arXiv 2602.16936). Sources actually read for this file: the paper's abstract and
-its §3 summary (PLoRA, Select-N-Fold, initialization and aggregation noise) as publicly
-summarised; the authors' repository (TNI-playground/Fed-PLoRA) could not be obtained here, so
-nothing below is checked against their code. Where the text was not available we implement
-the most faithful reading and say so.
+ICLR 2026 (arXiv 2602.16936). Sources actually read for this file: the paper's abstract and a
+public summary of its method section (PLoRA, Select-N-Fold, initialization and aggregation
+noise). The full text, hence its section and equation numbers, and the authors' repository
+(TNI-playground/Fed-PLoRA) could not be obtained here, so nothing below is checked against
+their code or equations; "method: ..." names the part of the method each step implements.
+Where the text was not available we implement the most faithful reading and say so.
 
-**PLoRA** (paper §3.1). The rank-R LoRA of a module is read as R parallel one-rank modules,
+**PLoRA** (method: Parallel One-Rank Adaptation). The rank-R LoRA of a module is read as R
+parallel one-rank modules,
 
     dW = s(R) * sum_{j<R} b_j a_j^T,    b_j = B[:, j],  a_j^T = A[j],
 
 which is mathematically the same adapter (same tensors, same layout, same initialisation:
 a_j random, b_j = 0), so the global adapter is stored exactly like every other rule's.
 
-**Select-N-Fold** (paper §3.2). In round t client k of rank r_k selects N = r_k of the R
-modules, S_k(t), trains only those, and *folds* the others into its frozen weights before
-training:
+**Select-N-Fold** (method: Select-N-Fold). In round t client k of rank r_k selects N = r_k
+of the R modules, S_k(t), trains only those, and *folds* the others into its frozen weights
+before training:
 
     W_k = W0 + s(R) * sum_{j not in S_k(t)} b_j a_j^T          (fold)
     model_k = W_k + s(R) * sum_{j in S_k(t)} b_j a_j^T = W0 + dW   (unchanged: zero init noise)
 
-Selection: the paper selects the modules at random each round; we draw S_k(t) uniformly
-without replacement from a generator seeded by (seed, "select", t, k) (``derive_seed``), as
-the first r_k entries of a random permutation of 0..R-1, so the server recomputes it to map
-each update back, any process gets the same choice, and a resumed run is bit-identical (no
-RNG state). The exact distribution the authors use could not be checked (our reading).
+Selection (our reading: a fresh random selection every round; the authors' rule could not
+be checked): S_k(t) uniformly without replacement, the first r_k entries of a random
+permutation of 0..R-1 from a generator seeded by (seed, "select", t, k) (``derive_seed``), so
+the server recomputes it to map each update back, any process gets the same choice, and a
+resumed run is bit-identical (no RNG state).
 
 **What travels.** Downlink: the selected modules, permuted to the front in selection order
 (A[S], B[:, S]) as a rank-r_k adapter; its B is rescaled by s(R)/s(r_k) so that the client,
@@ -37,16 +39,16 @@ the dense fold never needs to travel). Upload: its r_k trained modules, 4 r_k (i
 On Flower the wire carries the dense per-client fold in the BASE_DELTA record instead
 (reported as ``wire_bytes_down``), as for FLoRA's merged delta.
 
-**Aggregation** (paper §3.3). Each module is averaged over the clients that trained it this
-round, weighted by their data sizes n_k (FedAvg within the module's trainers):
+**Aggregation** (method: server aggregation). Each module is averaged over the clients that
+trained it this round, weighted by their data sizes n_k (FedAvg within the module's trainers):
 
     a_j = sum_{k: j in S_k} n_k a_j^(k) / sum_{k: j in S_k} n_k,   likewise b_j,
 
-and a module no client of the round trained keeps its value. This is averaging of each
-one-rank module's factors (b and a separately), as in the paper, which leaves a small
-aggregation noise (cross terms between trainers of the same module) but no dilution by
-non-trainers. The paper's weights: we use n_k (FedAvg), our reading of "averaged over the
-clients that trained it".
+and a module no client of the round trained keeps its value. Our reading: each one-rank
+module's factors are averaged (b and a separately), which leaves the small aggregation noise
+the paper acknowledges (cross terms between trainers of the same module; it claims reduced,
+not zero, aggregation noise) but no dilution by non-trainers; the weights are n_k (FedAvg
+within the trainers), as the paper's exact weights could not be checked.
 
 **What a rank-r client holds, and per-rank evaluation.** Every client always works on the
 full model W0 + dW (the fold makes the untrained modules part of its frozen weights), so the

@@ -2,10 +2,12 @@
 
 Ramesh and Dass, "FLoRIST: Singular Value Thresholding for Efficient and Accurate Federated
 Fine-Tuning of Large Language Models", MLSys 2026 (arXiv 2506.09199). Sources read for this
-file: the paper's abstract and public summaries of its §3 (method); no code of the authors
-was available here, so nothing is checked against it.
+file: the paper's abstract and public summaries of its method section (weighted stacking,
+SVD of the stacks in an intermediate space, tunable singular-value thresholding). The full
+text, hence its section and equation numbers, and any code of the authors could not be
+obtained here, so nothing is checked against them; "method: ..." names the step.
 
-**Aggregation** (paper §3, "noise-free aggregation via weighted stacking", after FLoRA). Per
+**Aggregation** (method: "noise-free aggregation via weighted stacking", after FLoRA). Per
 module, over the round's valid updates with p_k = n_k / sum_j n_j,
 
     B_st = [s(r_1) B_1, ..., s(r_K) B_K]   (out x r),   A_st = [p_1 A_1; ...; p_K A_K]   (r x in),
@@ -13,7 +15,7 @@ module, over the round's valid updates with p_k = n_k / sum_j n_j,
 r = sum_k r_k, so that B_st A_st = sum_k p_k s(r_k) B_k A_k exactly (the LoRA scale s(r_k) of
 each client is folded into B, as in ``flora``; the paper's B_k A_k has none).
 
-**Decomposition in the intermediate space** (paper §3, "efficient SVD"). Instead of forming
+**Decomposition in the intermediate space** (method: "efficient SVD"). Instead of forming
 the out x in matrix, SVD the two stacks separately, B_st = U_B S_B V_B^T and
 A_st = U_A S_A V_A^T, then the small matrix M = S_B V_B^T U_A S_A = U_M S V_M^T, so that
 
@@ -21,17 +23,18 @@ A_st = U_A S_A V_A^T, then the small matrix M = S_B V_B^T U_A S_A = U_M S V_M^T,
 
 an exact SVD of the aggregated update computed at O((in + out) r^2) cost.
 
-**Singular-value thresholding** (paper §3, the tunable tau). Keep the smallest p with
+**Singular-value thresholding** (method: the tunable threshold tau). Keep the smallest p with
 
     sum_{i<p} sigma_i^2 >= tau * sum_i sigma_i^2,
 
-per module (each layer its own p), i.e. the leading singular directions holding a share
-tau of the update's energy (squared Frobenius norm). Reading of "energy": squared singular
-values (we could not check whether the paper cumulates sigma_i or sigma_i^2). tau is
-``RuleOptions.energy_threshold`` (default 0.9; the paper tunes tau per task: our default,
-not the paper's). The global adapters are B_g = U_B U_M[:, :p] S[:p] (out x p) and
-A_g = V_M^T[:p] V_A^T (p x in), shared by all clients whatever their rank; tau = 1 keeps
-every nonzero direction and reproduces the weighted sum exactly.
+per module (our reading: each layer its own p), i.e. the leading singular directions holding
+a share tau of the update's energy (squared Frobenius norm). Reading of "energy": squared
+singular values (we could not check whether the paper cumulates sigma_i or sigma_i^2). tau
+is ``RuleOptions.energy_threshold`` (default 0.9: our choice; the paper treats tau as a tunable
+knob trading accuracy for communication, and it is not a config key here yet). The global
+adapters are B_g = U_B U_M[:, :p] S[:p] (out x p) and A_g = V_M^T[:p] V_A^T (p x in), shared
+by all clients whatever their rank; tau = 1 keeps every nonzero direction and reproduces
+the weighted sum exactly.
 
 **Clients** (as FLoRA, which FLoRIST extends): a rank-p global pair cannot be a rank-r_k
 client's adapter when p != r_k, so every client merges B_g A_g into its frozen weights and

@@ -29,7 +29,7 @@ FAMILY_TITLES = {
 FAMILY_NOTES = {
     "rank-limited": (
         "Column r is the global adapter truncated to its first r rank dimensions "
-        "(FlexLoRA: its rank-r SVD truncation)."
+        "(FlexLoRA: its rank-r SVD truncation; RB-LoRA likewise)."
     ),
     "merged": (
         "FLoRA and FLoRIST merge every round's update into the base weights, and Fed-PLoRA folds "
