@@ -177,3 +177,13 @@ def test_config_validation_imports_neither_torch_nor_peft() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_compare_reuses_only_runs_of_the_same_config() -> None:
+    from prelort.cli import _same_config
+
+    now = {"run": {"seed": 0, "rounds": 3, "sampling": "stratified"}, "train": {"lr": 0.1}}
+    assert _same_config({"run": {"seed": 0, "rounds": 3}, "train": {"lr": 0.1}}, now)  # older version
+    assert not _same_config({"run": {"seed": 0, "rounds": 4}}, now)
+    assert not _same_config({"run": {"seed": 0, "gone": 1}}, now)
+    assert not _same_config(None, now)

@@ -537,10 +537,12 @@ def resolve_config(
     ConfigError/UserError with one line otherwise.
     """
     requested = load_config(config, overrides)
+    given = f"--nodes {nodes}"
     if nodes is None:
         nodes = requested.clients.num_clients
+        given = f"clients.num_clients = {nodes}"
     if ranks is not None and len(ranks) != nodes:
-        raise UserError(f"--ranks has {len(ranks)} entries for {nodes} nodes; give one rank per node")
+        raise UserError(f"--ranks has {len(ranks)} entries for {given}; give one rank per node")
     extra = [f"clients.num_clients={nodes}"]
     if ranks is not None:
         extra.append(f"clients.ranks=[{', '.join(map(str, ranks))}]")
