@@ -21,6 +21,7 @@ pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
 from prelort.config import Config
+from prelort.errors import UserError
 from prelort.federation import run_simulation
 from prelort.federation.artifacts import load_global
 from prelort.federation.core import ServerState
@@ -140,5 +141,5 @@ def test_simulation_engine_refuses_tls_and_bad_workers(capsys: pytest.CaptureFix
     assert "--tls and --auth apply to --engine deployment only" in capsys.readouterr().err
     assert local.main([*base, "--workers", "0"]) == 2
     assert "--workers must be a positive integer" in capsys.readouterr().err
-    with pytest.raises(local.UserError, match="deployment engine only"):
+    with pytest.raises(UserError, match="deployment engine only"):
         local.LocalFederation(Path("/nonexistent"), [2], auth=True, engine="simulation")
