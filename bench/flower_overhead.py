@@ -10,7 +10,10 @@ evaluation every round, ``--rounds`` rounds) runs
   ``flwr-simulation`` with the ServerApp and one Ray ClientApp worker that keeps the model
   loaded across messages;
 - ``deployment``: ``run_local()``: a loopback deployment of real processes (one SuperLink, one
-  SuperNode per client); Flower 1.42 starts a fresh ClientApp process for every message;
+  SuperNode per client); Flower 1.42 starts a fresh ClientApp process for every message,
+  which hands its work to the node's warm worker (``prelort.flower.worker``: one process per
+  SuperNode that keeps the workload and model loaded; ``--no-workers``: every ClientApp
+  process imports torch and builds the model itself, as before the workers);
 
 and Flower's own floor on the same machine: the no-op app of ``bench/flower_noop`` (the
 ClientApp replies at once with the arrays it received, the ServerApp sends each node a
@@ -122,14 +125,14 @@ def _rounds_summary(seconds: list[float], wall: float, cpu: float) -> dict[str, 
     }
 
 
-def _prelort(cfg: Any, engine: str) -> tuple[dict[str, Any], dict[str, Any], Any]:
+def _prelort(cfg: Any, engine: str, node_workers: bool = True) -> tuple[dict[str, Any], dict[str, Any], Any]:
     """One PreLort run on a Flower engine: (summary, results, global adapter)."""
     from prelort.federation.artifacts import load_global
     from prelort.flower.local import run_local
 
     with tempfile.TemporaryDirectory(prefix=f"prelort-{engine}-bench-") as tmp, DescendantCPU() as cpu:
         t0 = time.perf_counter()
-        results = run_local(cfg, tmp, engine=engine, workers=1, timeout=3600)
+        results = run_local(cfg, tmp, engine=engine, workers=1, timeout=3600, node_workers=node_workers)
         wall = time.perf_counter() - t0
         adapter, _ = load_global(tmp)
     summary = _rounds_summary([r["seconds"] for r in results["rounds"][1:]], wall, cpu.total)
@@ -174,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--skip", default="", help="comma-separated parts to skip: simulation,deployment,noop (quick checks)"
     )
+    p.add_argument("--no-workers", action="store_true", help="deployment without the warm per-node workers")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "flower_overhead.json"))
     args = p.parse_args(argv)
     if args.rounds < 3:
@@ -264,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             f"deployment {report['noop_deployment']['round_s']:.2f} s/round"
         )
     if "deployment" not in skip:
-        dep, res, adapter = _prelort(cfg, "deployment")
+        dep, res, adapter = _prelort(cfg, "deployment", node_workers=not args.no_workers)
+        dep["node_workers"] = not args.no_workers
         dep["overhead_per_round_s"] = dep["round_s"] - simulator["round_s"]
         dep["same_global_adapter_max_abs_diff"] = _max_diff(adapter, reference)
         if "noop_deployment" in report:

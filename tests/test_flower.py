@@ -9,8 +9,14 @@ Tests marked ``integration`` start real ``flower-superlink`` / ``flower-supernod
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import ssl
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -349,6 +355,194 @@ def test_client_evaluate_handler_and_worker_cache(task_identity: None) -> None:
         client_app.app(msg, wrong)
 
 
+# -- the warm worker (prelort.flower.worker) -------------------------------------------------------
+def _train_message(cfg: Config, client_id: int = 2, round_: int = 1) -> Message:
+    """The train message the Flower transport sends client ``client_id`` in round 1."""
+    from prelort.federation.core import initial_state
+    from prelort.federation.driver import ClientJob
+    from prelort.federation.plan import build_plan
+    from prelort.federation.simulator import build_nested
+    from prelort.flower.transport import FlowerTransport
+
+    plan = build_plan(cfg)
+    nested = build_nested(plan, build_workload(cfg))
+    rule, state = plan.make_rule(), initial_state(plan, nested.shapes())
+    transport = FlowerTransport(InMemoryGrid({}), cfg, {0: 11, 1: 12, 2: 13}, timeout=1.0, poll=0.1)
+    jobs = [ClientJob(k, rule.downlink(state.adapter, state.client_ranks[k])) for k in (0, 1, 2)]
+    msg = transport.messages(round_, state, jobs)[client_id]
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    return msg
+
+
+@pytest.fixture
+def worker_address() -> Iterator[str]:
+    """A worker serving in a thread of this process on a fresh Unix socket."""
+    from prelort.flower.worker import Worker
+
+    folder = Path(tempfile.mkdtemp(prefix="prelort-wt-"))
+    path = folder / "w.sock"
+    server = Worker(f"unix:{path}", accept_timeout=0.05)
+    assert path.is_socket() and path.stat().st_mode & 0o077 == 0  # only its owner may connect
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.address
+    server.close()
+    thread.join(timeout=5)
+    assert not thread.is_alive() and not path.exists()
+    shutil.rmtree(folder)
+
+
+def test_worker_reply_equals_client_update(worker_address: str, task_identity: None) -> None:
+    """A train request built like the transport's gets ``client_update``'s prefix back, also
+    through the ClientApp with ``worker`` in its node config; evaluate likewise."""
+    from prelort.federation.core import client_update
+    from prelort.federation.plan import build_plan
+    from prelort.federation.simulator import build_nested
+    from prelort.flower.worker import call
+
+    cfg = _small()
+    client_app._WORKERS.clear()
+    msg = _train_message(cfg)
+    node = {"partition-id": 2, "rank": 8}
+    reply = call(worker_address, "train", msg.content, node)
+    wl, plan = build_workload(cfg), build_plan(cfg)
+    received = record_to_adapter(msg.content.array_records["adapter"])
+    ref = client_update(build_nested(plan, wl), received, client_id=2, round_=1, plan=plan, workload=wl)
+    _assert_same_adapter(record_to_adapter(reply.array_records["adapter"]), ref.update.adapter, atol=0)
+    metrics = reply.metric_records["metrics"]
+    assert (metrics["client-id"], metrics["rank"], metrics["num-examples"]) == (2, 8, ref.update.num_examples)
+    assert metrics["train-loss"] == pytest.approx(float(ref.stats.loss), rel=1e-6)
+    builds = reply.config_records["worker"]["builds"]
+    assert builds == client_app._BUILDS  # the worker runs in this process here
+    ctx = Context(
+        run_id=1,
+        node_id=13,
+        node_config={**node, "worker": worker_address},
+        state=RecordDict(),
+        run_config={},
+    )
+    via_app = client_app.app(msg, ctx)
+    assert via_app.metadata.reply_to_message_id == msg.metadata.message_id
+    _assert_same_adapter(
+        record_to_adapter(via_app.content.array_records["adapter"]), ref.update.adapter, atol=0
+    )
+    assert via_app.content.config_records["worker"]["builds"] == builds  # its model, reused
+    ev = Message(content=msg.content, dst_node_id=13, message_type=MessageType.EVALUATE)
+    ev.metadata.__dict__["_message_id"] = ev.object_id
+    remote = client_app.app(ev, ctx).content.metric_records["metrics"]
+    local_ = client_app.app(
+        ev, Context(run_id=1, node_id=13, node_config=node, state=RecordDict(), run_config={})
+    )
+    assert dict(remote) == dict(local_.content.metric_records["metrics"])
+
+
+def test_worker_turns_exceptions_into_error_replies(worker_address: str, task_identity: None) -> None:
+    from prelort.flower.worker import WorkerError, call, encode_content, recv_frames, send_frames
+
+    cfg = _small()
+    client_app._WORKERS.clear()
+    msg = _train_message(cfg)
+    ctx = Context(
+        run_id=1,
+        node_id=13,
+        node_config={"partition-id": 0, "worker": worker_address},
+        state=RecordDict(),
+        run_config={},
+    )
+    # the worker's ValueError comes back as an error; the ClientApp raises it, so Flower sends
+    # an error reply and the server drops the client with this reason
+    with pytest.raises(
+        WorkerError, match=r"ValueError: the server sent client 2's work to the node of partition 0"
+    ):
+        client_app.app(msg, ctx)
+    with pytest.raises(WorkerError, match="unknown operation 'fit'"):
+        call(worker_address, "fit", msg.content, {})
+    with pytest.raises(WorkerError, match="KeyError"):  # a train message without its config record
+        call(worker_address, "train", RecordDict({"adapter": msg.content.array_records["adapter"]}), {})
+    family, target = socket.AF_UNIX, worker_address.removeprefix("unix:")
+    with socket.socket(family, socket.SOCK_STREAM) as s:  # a peer speaking another protocol
+        s.connect(target)
+        send_frames(s, {"protocol": 99, "op": "train"}, encode_content(msg.content))
+        header, body = recv_frames(s)
+    assert header["ok"] is False and "protocol 99" in header["error"] and body == b""
+    with socket.socket(family, socket.SOCK_STREAM) as s:  # garbage, then hang up
+        s.connect(target)
+        s.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    # still serving
+    reply = call(worker_address, "train", msg.content, {"partition-id": 2})
+    assert reply.metric_records["metrics"]["client-id"] == 2
+    with pytest.raises(WorkerError, match="no worker at"):
+        call(worker_address + ".missing", "train", msg.content, {}, connect_timeout=0.1)
+
+
+def test_forwarding_client_app_imports_no_torch(
+    worker_address: str, tmp_path: Path, task_identity: None
+) -> None:
+    """A ClientApp process that hands its train message to a worker imports neither torch,
+    PEFT nor transformers (a fresh interpreter, as Flower starts per message)."""
+    from prelort.flower.worker import decode_content, encode_content
+
+    client_app._WORKERS.clear()
+    msg = _train_message(_small())
+    (tmp_path / "content.bin").write_bytes(encode_content(msg.content))
+    script = f"""
+import sys
+from pathlib import Path
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from prelort.flower import client_app
+from prelort.flower.worker import decode_content, encode_content
+TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+content = decode_content(Path({str(tmp_path / "content.bin")!r}).read_bytes())
+msg = Message(content=content, dst_node_id=13, message_type=MessageType.TRAIN)
+msg.metadata.__dict__["_message_id"] = msg.object_id
+node = {{"partition-id": 2, "rank": 8, "worker": {worker_address!r}}}
+ctx = Context(run_id=1, node_id=13, node_config=node, state=RecordDict(), run_config={{}})
+reply = client_app.app(msg, ctx)
+Path({str(tmp_path / "reply.bin")!r}).write_bytes(encode_content(reply.content))
+heavy = sorted(m for m in ("torch", "peft", "transformers") if m in sys.modules)
+assert not heavy, heavy
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    reply = decode_content((tmp_path / "reply.bin").read_bytes())
+    assert reply.metric_records["metrics"]["client-id"] == 2
+    assert reply.config_records["worker"]["process"].endswith(f":{os.getpid()}")  # computed by the worker
+
+
+def test_worker_process_exits_with_its_parent_and_on_sigterm(tmp_path: Path) -> None:
+    """``python -m prelort.flower.worker``: gone (socket file too) once its parent dies, or on SIGTERM."""
+    folder = Path(tempfile.mkdtemp(prefix="prelort-wt-"))
+    try:
+        parent = subprocess.Popen(["sleep", "120"])
+        procs = []
+        for name, watched in (("a", parent.pid), ("b", 0)):
+            cmd = [sys.executable, "-m", "prelort.flower.worker", "--no-preload", "--address"]
+            cmd += [f"unix:{folder / name}.sock", "--parent-pid", str(watched)]
+            procs.append(subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True))
+        deadline = time.monotonic() + 60
+        while not all((folder / f"{n}.sock").exists() for n in "ab"):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.05)
+        a, b = procs
+        parent.kill()
+        parent.wait()
+        assert a.wait(timeout=15) == 0, a.stderr.read() if a.stderr else ""
+        assert "parent process" in (a.stderr.read() if a.stderr else "")
+        assert b.poll() is None  # watches nothing
+        b.terminate()
+        assert b.wait(timeout=15) == 128 + 15
+        assert not list(folder.iterdir()), "socket files left behind"
+    finally:
+        for p in [parent, *procs]:
+            if p.poll() is None:
+                p.kill()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 # -- real processes: SuperLink + SuperNodes + flwr run on loopback ------------------------------
 def _all_dead(pids: list[int], timeout: float = 15.0) -> list[int]:
     end = time.monotonic() + timeout
@@ -361,7 +555,8 @@ def _all_dead(pids: list[int], timeout: float = 15.0) -> list[int]:
 def test_loopback_deployment_matches_the_simulator(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`python -m prelort.flower.local`: 3 SuperNodes (ranks 2, 4, 8), 2 rounds of prelort."""
+    """`python -m prelort.flower.local`: 3 SuperNodes (ranks 2, 4, 8), each with its warm worker,
+    2 rounds of prelort."""
     out = tmp_path / "run"
     args = [
         "--nodes",
@@ -378,11 +573,16 @@ def test_loopback_deployment_matches_the_simulator(
     for s in SMALL_SET:
         args += ["--set", s]
     started: list[int] = []
+    names: list[str] = []
+    sockets: list[Path] = []
     close = local.LocalFederation.close
 
     def close_and_record(self: local.LocalFederation, grace: float = 10.0) -> None:
         for s in self.processes:
             started.extend([s.proc.pid, *local.descendants(s.proc.pid)])
+            names.append(s.name)
+        if self.worker_dir is not None:
+            sockets.append(self.worker_dir)
         close(self, grace)
 
     monkeypatch.setattr(local.LocalFederation, "close", close_and_record)
@@ -396,8 +596,12 @@ def test_loopback_deployment_matches_the_simulator(
     _assert_same_metrics(res["final"]["per_rank"], ref["final"]["per_rank"])
     assert res["ranks"] == [2, 4, 8] and len(res["engine"]["nodes"]) == 3
     assert [r["bytes_down"] for r in res["rounds"]] == [r["bytes_down"] for r in ref["rounds"]]
-    assert len(started) >= 4 and not _all_dead(started), "processes left running"
+    # every train message was computed by its node's worker: 3 processes, one model build each
+    assert res["engine"]["workers"] == {"client_processes": 3, "model_builds": 3}
+    assert sorted(n for n in names if n.startswith("worker-")) == ["worker-0", "worker-1", "worker-2"]
+    assert len(started) >= 7 and not _all_dead(started), "processes left running"
     assert not local.processes_under(out / "flower"), "processes left running"
+    assert len(sockets) == 1 and not sockets[0].exists(), "worker sockets left behind"
 
 
 @pytest.mark.integration
@@ -429,9 +633,12 @@ def test_tls_and_supernode_auth_refuse_an_unregistered_node(tmp_path: Path) -> N
         assert "No SuperNode found with the given public key" in link_log
         nodes = fed.supernodes()  # only the registered keys are known, all online
         assert len(nodes) == 3 and {n["status"] for n in nodes} == {"online"}, nodes
+        assert sum(s.name.startswith("worker-") for s in fed.processes) == 4  # the intruder's too
+        sockets = fed.worker_dir
         for s in fed.processes:
             pids += [s.proc.pid, *local.descendants(s.proc.pid)]
     assert not _all_dead(pids), "processes left running"
     assert not local.processes_under(work), "processes left running"
+    assert sockets is not None and not sockets.exists(), "worker sockets left behind"
     _, ref_state = _reference(cfg)
     _assert_same_adapter(load_global(tmp_path / "run")[0], ref_state.adapter)

@@ -164,6 +164,98 @@ class WorkloadSection:
 
 
 @dataclass
+class PrivacySection:
+    """[privacy]: client-level differential privacy and secure aggregation (docs/privacy.md).
+
+    Only the segment-wise methods (``prelort``, ``segment``) and FedIT run under it: their
+    rule is a ratio of sums (docs/design.md §4.9). Differential privacy is on when ``clip``
+    is given, with exactly one of ``noise_multiplier`` and ``target_epsilon``, and ``delta``.
+    """
+
+    clip: float | None = None
+    """L2 bound C on each client's update (its prefix's change in a round, all modules)."""
+    noise_multiplier: float | None = None
+    """z: Gaussian noise of std z * C on every coordinate of each segment's sum."""
+    target_epsilon: float | None = None
+    """Instead of ``noise_multiplier``: the smallest z meeting (epsilon, delta) over run.rounds."""
+    delta: float | None = None
+    """The delta of the (epsilon, delta) guarantee (required with ``clip``)."""
+    noise_seed: int | None = None
+    """Seed of the server's noise (reproducible runs and tests only: whoever knows it can
+    remove the noise). None: fresh operating-system randomness every round."""
+    secure_aggregation: bool = False
+    """Aggregate only sums: Flower runs use SecAgg+; in-process runs sum as it would."""
+    min_segment_owners: int = 2
+    """Secure aggregation: a segment is aggregated in a round only if at least this many
+    sampled clients own it (a segment's sum over one owner is that owner's rows)."""
+    secagg_clipping_range: float = 8.0
+    """SecAgg+: every sent entry is clipped to [-range, range] before quantization."""
+    secagg_bits: int = 22
+    """SecAgg+: entries are quantized to 2^bits levels over the clipping range."""
+    secagg_threshold: float = 0.67
+    """SecAgg+: share of a client's key shares needed to unmask (dropouts tolerated: the rest)."""
+    secagg_max_weight: float = 1000.0
+    """SecAgg+ without differential privacy: client weight w_k = n_k / this (n_k above it: the
+    client fails its round)."""
+
+    @property
+    def dp(self) -> bool:
+        """Whether differential privacy is on (``clip`` or a noise setting given)."""
+        return self.clip is not None or self.noise_multiplier is not None or self.target_epsilon is not None
+
+    def validate(self, rule: str, method: str, clients_per_round: int) -> None:
+        """Checks of the [privacy] section (called by ``Config.validate``); pure."""
+        if rule not in SUM_RULES:
+            raise ConfigError(
+                f"[privacy] needs a method whose aggregation is a ratio of sums (prelort, segment, fedit, "
+                f"fedit-max, fedit-rN); run.method = {method!r} is not one"
+            )
+        if self.dp:
+            if self.clip is None:
+                raise ConfigError("privacy.clip is required with privacy.noise_multiplier / target_epsilon")
+            _real("privacy.clip", self.clip, lo=0.0, lo_open=True)
+            if (self.noise_multiplier is None) == (self.target_epsilon is None):
+                raise ConfigError(
+                    "[privacy] needs exactly one of privacy.noise_multiplier and privacy.target_epsilon, "
+                    f"got {'both' if self.noise_multiplier is not None else 'neither'}"
+                )
+            if self.noise_multiplier is not None:
+                _real("privacy.noise_multiplier", self.noise_multiplier, lo=0.0, lo_open=True)
+            if self.target_epsilon is not None:
+                _real("privacy.target_epsilon", self.target_epsilon, lo=0.0, lo_open=True)
+            if self.delta is None:
+                raise ConfigError(
+                    "privacy.delta is required with privacy.clip (e.g. 1e-5, below 1 / clients)"
+                )
+            _real("privacy.delta", self.delta, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+        else:
+            if self.delta is not None:
+                raise ConfigError("privacy.delta needs privacy.clip and a noise_multiplier or target_epsilon")
+            if not self.secure_aggregation:
+                raise ConfigError(
+                    "[privacy] enables nothing: set privacy.clip with privacy.noise_multiplier or "
+                    "privacy.target_epsilon and privacy.delta, or privacy.secure_aggregation = true"
+                )
+        if self.noise_seed is not None:
+            _seed("privacy.noise_seed", self.noise_seed)
+        _int_at_least("privacy.min_segment_owners", self.min_segment_owners, 1)
+        _real("privacy.secagg_clipping_range", self.secagg_clipping_range, lo=0.0, lo_open=True)
+        _real("privacy.secagg_threshold", self.secagg_threshold, lo=0.0, hi=1.0, lo_open=True)
+        _real("privacy.secagg_max_weight", self.secagg_max_weight, lo=0.0, lo_open=True)
+        _int_at_least("privacy.secagg_bits", self.secagg_bits, 1)
+        if self.secagg_bits > 30 or clients_per_round * 2**self.secagg_bits >= 2**32:
+            raise ConfigError(
+                f"privacy.secagg_bits = {self.secagg_bits} overflows SecAgg+'s 32-bit sums with "
+                f"{clients_per_round} clients per round; lower it (clients_per_round * 2^bits < 2^32)"
+            )
+        if self.secure_aggregation and clients_per_round < 2:
+            raise ConfigError(
+                "privacy.secure_aggregation needs run.clients_per_round >= 2 "
+                "(a sum of one update is that update)"
+            )
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -175,6 +267,9 @@ class Config:
     workload: WorkloadSection = field(default_factory=WorkloadSection)
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
     llm: LLMSection = field(default_factory=LLMSection)
+    privacy: PrivacySection | None = None
+    """Absent (None) unless the config has a [privacy] section; then config_to_dict drops
+    it, so configs and results of runs without it are unchanged."""
 
     @property
     def max_rank(self) -> int:
@@ -305,7 +400,12 @@ class Config:
             raise ConfigError(
                 f"llm.path is required for llm.source = {llm.source!r} (a file, folder or hub id)"
             )
+        if self.privacy is not None:
+            self.privacy.validate(spec.rule, run.method, run.clients_per_round)
 
+
+SUM_RULES = ("prelort", "segment", "fedit")
+"""Aggregation rules that are a ratio of sums (docs/design.md §4.9): [privacy] works with them."""
 
 _INT_MAX = 2**63 - 1  # TOML integers are 64-bit; so are the seeds torch and numpy take
 

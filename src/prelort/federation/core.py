@@ -15,7 +15,9 @@ import torch
 from prelort.adapters.nested import NestedLoRA
 from prelort.adapters.state import Adapter, init_adapter
 from prelort.aggregation.base import AggregationResult, AggregationRule, ClientUpdate
+from prelort.aggregation.sumform import RowSums, apply_sums
 from prelort.federation.plan import RunPlan, generator_for
+from prelort.federation.privacy import clip_update
 from prelort.federation.workload import Workload
 from prelort.training.hetlora import make_regulariser, pruned_rank, tail_norm
 from prelort.training.local import TrainStats, train_local
@@ -80,8 +82,11 @@ def client_update(
     if method.self_prune:
         after = float(tail_norm(nested, rank, h.gamma, min_rank=floor).detach())
         new_rank = pruned_rank(rank, before, after, h.gamma, floor)
+    adapter = nested.get_adapter(new_rank)
+    if plan.privacy is not None and plan.privacy.clip is not None:  # client-level DP: ||change|| <= C
+        adapter = clip_update(received, adapter, plan.privacy.clip)
     update = ClientUpdate(
-        adapter=nested.get_adapter(new_rank),
+        adapter=adapter,
         rank=new_rank,
         num_examples=workload.num_examples(client_id),
         client_id=client_id,
@@ -119,3 +124,13 @@ def server_update(
         broadcast_bytes=result.broadcast_bytes,
     )
     return new, result
+
+
+def server_update_from_sums(
+    state: ServerState, sums: RowSums, *, denominator: torch.Tensor | None = None
+) -> ServerState:
+    """One aggregation from summed delta-form messages (docs/design.md §4.9): row i becomes
+    ``g[i] + S[i] / W[i]`` where W[i] > 0 (``denominator``: the public owner counts under
+    differential privacy), the old row elsewhere. The server never sees an individual update."""
+    adapter = apply_sums(state.adapter, sums, delta=True, denominator=denominator)
+    return replace(state, round=state.round + 1, adapter=adapter)

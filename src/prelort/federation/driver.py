@@ -24,9 +24,17 @@ import torch
 from prelort.adapters.nested import NestedLoRA
 from prelort.adapters.state import Adapter, adapter_num_bytes
 from prelort.aggregation.base import AggregationRule, ClientUpdate
+from prelort.aggregation.sumform import FLOAT_BYTES, RowSums, client_sums
 from prelort.config import config_to_dict, dump_toml
-from prelort.federation.core import ClientResult, ServerState, initial_state, server_update
+from prelort.federation.core import (
+    ClientResult,
+    ServerState,
+    initial_state,
+    server_update,
+    server_update_from_sums,
+)
 from prelort.federation.plan import RunPlan
+from prelort.federation.privacy import noise_generator, owner_counts, privacy_report, privatize, sent_rows
 from prelort.federation.validation import rejection_reason
 from prelort.federation.workload import Workload
 
@@ -80,11 +88,90 @@ class ClientOutcome:
 
 
 class Transport(Protocol):
-    """How a runtime executes one round's client updates."""
+    """How a runtime executes one round's client updates.
+
+    A transport that aggregates securely (Flower's SecAgg+) also has ``execute_sums(round_,
+    state, jobs, spec) -> RoundSums``: the driver then gets only the sum of the clients'
+    messages (docs/design.md §4.9); other transports' outcomes are summed by ``sum_outcomes``.
+    """
 
     def execute(self, round_: int, state: ServerState, jobs: Sequence[ClientJob]) -> list[ClientOutcome]:
         """Run every job; one outcome per job (any order)."""
         ...
+
+
+@dataclass(frozen=True)
+class SumSpec:
+    """What a sum round (a ``[privacy]`` run) asks of every client: padded delta-form messages
+    at rank ``max_rank`` carrying only the first ``rows`` rank rows (the segments with at least
+    ``privacy.min_segment_owners`` sampled owners under secure aggregation)."""
+
+    max_rank: int
+    rows: int
+
+
+@dataclass
+class RoundSums:
+    """What a sum round yields: the summed messages and who is in them, never an update."""
+
+    sums: RowSums | None
+    """Sum of the messages of ``aggregated`` (None: nothing summed, e.g. SecAgg+ halted)."""
+    aggregated: list[int]
+    dropped: list[dict[str, Any]]
+    bytes_up: int = 0
+    passes: int = 0
+    examples: int = 0
+    wire_bytes_up: int | None = None
+
+
+def sum_outcomes(
+    plan: RunPlan,
+    outcomes: dict[int, ClientOutcome],
+    sampled: Sequence[int],
+    sent: dict[int, Adapter],
+    spec: SumSpec,
+) -> RoundSums:
+    """The trusted sum of a round's outcomes (in-process runtime, or a transport without
+    secure aggregation): each client's delta-form message (``client_sums``) added up after
+    the same drops as a plain round (errors, late replies, ``rejection_reason``)."""
+    assert plan.privacy is not None
+    run = plan.cfg.run
+    total: RowSums | None = None
+    aggregated: list[int] = []
+    dropped: list[dict[str, Any]] = []
+    bytes_up = passes = examples = 0
+    for k in sampled:
+        out = outcomes.get(k)
+        if out is None:
+            dropped.append({"client": k, "reason": "timed out (no reply before the round's deadline)"})
+            continue
+        if out.result is None:
+            dropped.append({"client": k, "reason": out.error or "no result"})
+            continue
+        res = out.result
+        bytes_up += _padded_bytes(sent[k], spec.max_rank)
+        passes += res.stats.passes
+        examples += res.stats.examples
+        if run.client_timeout and out.seconds > run.client_timeout:
+            dropped.append({"client": k, "reason": f"timed out ({out.seconds:.1f}s > {run.client_timeout}s)"})
+            continue
+        reason = rejection_reason(
+            res.update, sent=sent[k], capacity=plan.ranks[k], max_norm=run.max_update_norm or None
+        )
+        if reason is not None:
+            dropped.append({"client": k, "reason": f"rejected: {reason}"})
+            continue
+        weight = plan.privacy.weight(res.update.num_examples)
+        msg = client_sums(res.update, spec.max_rank, weight, reference=sent[k], rows=spec.rows)
+        total = msg if total is None else total + msg
+        aggregated.append(k)
+    return RoundSums(total, aggregated, dropped, bytes_up, passes, examples)
+
+
+def _padded_bytes(received: Adapter, max_rank: int) -> int:
+    """Bytes of a padded message for modules shaped like ``received``, at rank ``max_rank``."""
+    entries = sum(max_rank * (p.A.shape[1] + p.B.shape[0]) for p in received.values()) + max_rank
+    return FLOAT_BYTES * entries
 
 
 _BASE_METRICS: weakref.WeakKeyDictionary[Any, dict[str, float]] = weakref.WeakKeyDictionary()
@@ -198,6 +285,8 @@ class RoundDriver:
         bytes_down = sum(
             adapter_num_bytes(job.received) + state.broadcast_bytes + job.fold_bytes for job in jobs
         )
+        if self.plan.privacy is not None:
+            return self.run_sum_round(t, state, jobs, t0, bytes_down)
         outcomes = {o.client_id: o for o in self.transport.execute(t, state, jobs)}
         t_train = time.perf_counter() - t0
         updates: list[ClientUpdate] = []
@@ -265,6 +354,11 @@ class RoundDriver:
         }
         if wire_up is not None:
             record["wire_bytes_up"] = wire_up
+        return state, self.finish_record(t, state, record, t0)
+
+    def finish_record(self, t: int, state: ServerState, record: dict[str, Any], t0: float) -> dict[str, Any]:
+        """Add the wire bytes down, the evaluation (every ``eval_every`` rounds) and the time."""
+        run = self.plan.cfg.run
         wire_down = getattr(self.transport, "wire_bytes_down", None)
         if wire_down is not None:
             record["wire_bytes_down"] = wire_down
@@ -273,7 +367,71 @@ class RoundDriver:
             record["per_rank"] = self.evaluate(state)
             record["eval_seconds"] = time.perf_counter() - t_eval
         record["seconds"] = time.perf_counter() - t0
-        return state, record
+        return record
+
+    def run_sum_round(
+        self, t: int, state: ServerState, jobs: Sequence[ClientJob], t0: float, bytes_down: int
+    ) -> tuple[ServerState, dict[str, Any]]:
+        """A ``[privacy]`` round (docs/design.md §4.9): the clients' delta-form messages are
+        summed (by SecAgg+ where the transport has ``execute_sums``), the server adds the
+        Gaussian noise to the sum (DP) and divides row by row. Per-client losses are not
+        released (``train_loss`` NaN); per-client validation is the summing party's."""
+        privacy = self.plan.privacy
+        assert privacy is not None
+        run = self.plan.cfg.run
+        sampled = [job.client_id for job in jobs]
+        rows = sent_rows([state.client_ranks[k] for k in sampled], self.plan.levels, privacy.min_owners())
+        spec = SumSpec(self.plan.max_rank, rows)
+        execute_sums = getattr(self.transport, "execute_sums", None)
+        if execute_sums is not None:
+            rs: RoundSums = execute_sums(t, state, jobs, spec)
+        else:
+            outcomes = {o.client_id: o for o in self.transport.execute(t, state, jobs)}
+            rs = sum_outcomes(
+                self.plan, outcomes, sampled, {job.client_id: job.received for job in jobs}, spec
+            )
+        t_train = time.perf_counter() - t0
+        for d in rs.dropped:
+            log.warning("round %d: client %d dropped, %s", t, d["client"], d["reason"])
+        skipped = rs.sums is None or len(rs.aggregated) < run.min_clients or rows == 0
+        if skipped:
+            log.warning(
+                "round %d: %d client(s) in the sum (run.min_clients = %d), %d rank rows with enough "
+                "owners; global adapter kept",
+                t,
+                len(rs.aggregated),
+                run.min_clients,
+                rows,
+            )
+            state = replace(state, round=t)
+        else:
+            assert rs.sums is not None
+            counts = owner_counts([state.client_ranks[k] for k in rs.aggregated], self.plan.max_rank, rows)
+            sums = rs.sums
+            if privacy.dp:  # central DP: noise on the (unmasked) sum, divided by the public counts
+                sums = privatize(sums, counts, privacy.noise_std, noise_generator(privacy, self.plan.seed, t))
+                denominator = counts
+            else:  # data weights: the summed weights, on the rows someone owned
+                denominator = torch.where(counts > 0, sums.weight, torch.zeros_like(sums.weight))
+            state = server_update_from_sums(state, sums, denominator=denominator)
+        record: dict[str, Any] = {
+            "round": t,
+            "seconds": 0.0,
+            "train_seconds": t_train,
+            "bytes_up": rs.bytes_up,
+            "bytes_down": bytes_down,
+            "passes": rs.passes,
+            "examples": rs.examples,
+            "clients": sampled,
+            "aggregated": list(rs.aggregated),
+            "dropped": rs.dropped,
+            "skipped": skipped,
+            "train_loss": float("nan"),
+            "rows": rows,
+        }
+        if rs.wire_bytes_up is not None:
+            record["wire_bytes_up"] = rs.wire_bytes_up
+        return state, self.finish_record(t, state, record, t0)
 
     def run(
         self, state: ServerState, rounds: list[dict[str, Any]]
@@ -339,6 +497,8 @@ def results_dict(
     }
     if method.level is not None:
         out["oracle_level"] = method.level
+    if plan.privacy is not None:
+        out["privacy"] = privacy_report(plan.privacy, state.round)
     return out
 
 

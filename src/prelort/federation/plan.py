@@ -19,6 +19,7 @@ from prelort.adapters.state import Scaling
 from prelort.aggregation.base import AggregationRule, RuleOptions, get_rule
 from prelort.config import Config
 from prelort.federation.methods import MethodSpec, get_method
+from prelort.federation.privacy import PrivacyPlan, resolve_privacy
 from prelort.training.local import Factors, LocalTrainConfig
 
 
@@ -112,6 +113,8 @@ class RunPlan:
     """The rank levels L of the population."""
     eval_levels: tuple[int, ...]
     """Levels at which the global adapter is evaluated."""
+    privacy: PrivacyPlan | None = None
+    """The resolved ``[privacy]`` section: DP and/or secure aggregation (sum rounds)."""
 
     @property
     def seed(self) -> int:
@@ -192,4 +195,5 @@ def build_plan(cfg: Config) -> RunPlan:
         ranks=tuple(effective_ranks(method, caps, levels)),
         levels=levels,
         eval_levels=tuple(cfg.run.eval_levels or levels),
+        privacy=resolve_privacy(cfg),
     )

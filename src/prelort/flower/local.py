@@ -1,7 +1,8 @@
 """A loopback Flower federation in one call: a SuperLink, N (virtual) SuperNodes, ``flwr run``.
 
     python -m prelort.flower.local --nodes 3 --ranks 2,4,8 \\
-        --config configs/synthetic.toml --set run.rounds=5 --out runs/flower [--tls | --auth]
+        --config configs/synthetic.toml --set run.rounds=5 --out runs/flower [--tls | --auth] \\
+        [--no-workers]
     python -m prelort.flower.local --engine simulation \\
         --config configs/synthetic.toml --out runs/flower-sim [--workers 2]
 
@@ -12,8 +13,13 @@ starts real processes on 127.0.0.1 (free ports):
 - ``flower-superlink --host 127.0.0.1 --port P --disable-runtime-dependency-installation``
   (``--insecure``, or TLS with a test CA from ``certs``; ``--enable-supernode-auth``);
 - with ``--auth``: ``flwr supernode register node-<i>.pub`` for every node key;
-- ``flower-supernode --superlink 127.0.0.1:P --port Q_i --node-config "partition-id=i rank=r_i"``
-  per client (plus ``--root-certificates`` / ``--auth-supernode-private-key``);
+- per client, a warm worker ``python -m prelort.flower.worker --address unix:S_i
+  --parent-pid <this process>`` (``prelort.flower.worker``: keeps the workload and model
+  loaded; ``S_i`` in a fresh short temp folder, removed at the end; ``--no-workers``: none);
+- ``flower-supernode --superlink 127.0.0.1:P --port Q_i --node-config "partition-id=i rank=r_i
+  worker='unix:S_i'"`` per client (plus ``--root-certificates`` /
+  ``--auth-supernode-private-key``): its ClientApp processes, one per message, hand their
+  work to the node's worker;
 - ``flwr run <prelort/flower/app> prelort-local --run-config <file> --stream``, where the run
   config names the fully resolved PreLort config written to ``OUT/flower/prelort.toml``;
 
@@ -33,7 +39,7 @@ starts real processes on 127.0.0.1 (free ports):
 
 Either way it then waits for the run, prints the per-rank table from ``OUT/results.json``
 (written by the ServerApp, the same file as ``prelort run``) and stops every process it
-started, their SuperExec, app and Ray processes included. Logs stay in ``OUT/flower/logs``.
+started, their SuperExec, app, worker and Ray processes included. Logs stay in ``OUT/flower/logs``.
 Every process gets its own ``FLWR_HOME`` under ``OUT/flower/home``, so ``~/.flwr`` is not
 touched.
 """
@@ -187,6 +193,10 @@ class LocalFederation:
         engine: a ``--simulation`` SuperLink and a Ray pool of ClientApp workers).
     workers : int
         Simulation engine: ClientApp workers (Ray actors), each with its own model copy.
+    node_workers : bool
+        Deployment engine: start a warm worker (``prelort.flower.worker``) next to every
+        SuperNode and name it in the node's config, so the ClientApp processes that Flower
+        starts per message hand their work to a process that keeps the model loaded.
     """
 
     workdir: Path
@@ -195,6 +205,7 @@ class LocalFederation:
     auth: bool = False
     engine: str = "deployment"
     workers: int = 1
+    node_workers: bool = True
     port: int = 0
     """The SuperLink's port (all its APIs), chosen at ``start``."""
     ca_cert: Path | None = None
@@ -203,6 +214,8 @@ class LocalFederation:
     node_keys: list[Path] = field(default_factory=list)
     ray_tmp: Path | None = None
     """Simulation engine: Ray's temp folder (``RAY_TMPDIR``), removed by ``close``."""
+    worker_dir: Path | None = None
+    """Deployment engine: the folder of the workers' Unix sockets, removed by ``close``."""
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).absolute()
@@ -283,6 +296,8 @@ class LocalFederation:
             pki = make_test_pki(self.pki_dir, nodes=len(self.ranks) if self.auth else 0)
             self.ca_cert = pki.ca_cert
             self.node_keys = list(pki.node_keys)
+        if self.node_workers:  # short: a Unix socket path must fit in 108 bytes
+            self.worker_dir = Path(tempfile.mkdtemp(prefix="prelort-w-"))
         self.port = free_ports(1)[0]
         cmd = [
             _tool("flower-superlink"),
@@ -344,9 +359,13 @@ class LocalFederation:
     def start_supernode(
         self, partition_id: int, rank: int | None, key: Path | None, name: str = ""
     ) -> Started:
-        """One SuperNode for client ``partition_id`` (``key``: its auth private key)."""
+        """One SuperNode for client ``partition_id`` (``key``: its auth private key), with its
+        warm worker unless ``node_workers`` is off."""
         port = free_ports(1)[0]
+        name = name or f"supernode-{partition_id}"
         node_config = f"partition-id={partition_id}" + (f" rank={rank}" if rank is not None else "")
+        if self.worker_dir is not None:
+            node_config += f" worker='{self.start_worker(name)}'"
         cmd = [
             _tool("flower-supernode"),
             "--superlink",
@@ -359,9 +378,33 @@ class LocalFederation:
         cmd += ["--root-certificates", str(self.ca_cert)] if self.ca_cert is not None else ["--insecure"]
         if key is not None:
             cmd += ["--auth-supernode-private-key", str(key)]
-        name = name or f"supernode-{partition_id}"
-        threads = max(1, (os.cpu_count() or 1) // max(1, len(self.ranks)))
-        return self._spawn(name, cmd, name, threads)
+        return self._spawn(name, cmd, name, self.threads_per_process())
+
+    def start_worker(self, node: str, timeout: float = 60) -> str:
+        """A warm worker for SuperNode ``node`` on a Unix socket; returns its address once it
+        listens. It exits with this process (``--parent-pid``) even if ``close`` never runs."""
+        assert self.worker_dir is not None
+        path = self.worker_dir / f"{node}.sock"
+        address = f"unix:{path}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "prelort.flower.worker",
+            "--address",
+            address,
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+        name = f"worker-{node.removeprefix('supernode-')}"
+        started = self._spawn(name, cmd, name, self.threads_per_process())
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if started.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited early; see {started.log}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not listen on {path} within {timeout:g} s; see {started.log}")
+            time.sleep(0.05)
+        return address
 
     def _write_cli_config(self) -> None:
         home = self.workdir / "home" / "cli"
@@ -507,6 +550,9 @@ class LocalFederation:
             if not leftovers:
                 break
         self.processes.clear()
+        if self.worker_dir is not None:
+            shutil.rmtree(self.worker_dir, ignore_errors=True)
+            self.worker_dir = None
         if self.ray_tmp is not None:
             shutil.rmtree(self.ray_tmp, ignore_errors=True)
             self.ray_tmp = None
@@ -565,17 +611,27 @@ def run_local(
     timeout: float = 3600,
     engine: str = "deployment",
     workers: int = 1,
+    node_workers: bool = True,
 ) -> dict[str, Any]:
     """Run ``cfg`` on a loopback federation (one node per client); return ``results.json``.
 
     ``engine="simulation"`` runs it on Flower's simulation engine with ``workers`` Ray
-    ClientApp workers instead of SuperNode processes.
+    ClientApp workers instead of SuperNode processes. On the deployment engine every
+    SuperNode gets a warm worker unless ``node_workers`` is False.
     """
     from prelort.federation.plan import assign_ranks
 
     out = Path(out).absolute()
     work = out / "flower"
-    fed = LocalFederation(work, assign_ranks(cfg), tls=tls, auth=auth, engine=engine, workers=workers)
+    fed = LocalFederation(
+        work,
+        assign_ranks(cfg),
+        tls=tls,
+        auth=auth,
+        engine=engine,
+        workers=workers,
+        node_workers=node_workers,
+    )
     work.mkdir(parents=True, exist_ok=True)
     conf = work / "prelort.toml"
     conf.write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")
@@ -614,6 +670,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1,
         help="simulation engine: ClientApp workers (Ray actors), each holding one model copy (default 1)",
     )
+    p.add_argument(
+        "--no-workers",
+        action="store_true",
+        help="deployment: no warm worker per SuperNode (every ClientApp process imports torch and "
+        "builds the model itself)",
+    )
     p.add_argument("--config", default=None, help="PreLort TOML config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--out", required=True, help="results folder (results.json, logs in OUT/flower/logs)")
@@ -649,6 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout=args.timeout,
             engine=args.engine,
             workers=args.workers,
+            node_workers=not args.no_workers,
         )
     except UserError as exc:
         print(f"prelort.flower.local: error: {exc}", file=sys.stderr)

@@ -113,7 +113,13 @@ def run_federation(
     if cfg.run.client_timeout:
         wait = min(wait, cfg.run.client_timeout)
     nodes = {k: node for k, (node, _) in found.items()}
-    transport = FlowerTransport(grid, cfg, nodes, timeout=wait, poll=settings.poll_interval)
+    transport: FlowerTransport
+    if plan.privacy is not None and plan.privacy.secure:  # SecAgg+: the driver only sees sums
+        from prelort.flower.secure import SecureFlowerTransport
+
+        transport = SecureFlowerTransport(grid, plan, nodes, timeout=wait, poll=settings.poll_interval)
+    else:
+        transport = FlowerTransport(grid, cfg, nodes, timeout=wait, poll=settings.poll_interval)
     driver = RoundDriver(plan, transport, nested, workload)
     log.info("PreLort over Flower: run %d, method %r, results to %s", run_id, plan.method.name, out)
     for k, node in sorted(nodes.items()):
