@@ -204,38 +204,14 @@ class PrivacySection:
         return self.clip is not None or self.noise_multiplier is not None or self.target_epsilon is not None
 
     def validate(self, rule: str, method: str, clients_per_round: int) -> None:
-        """Checks of the [privacy] section (called by ``Config.validate``); pure."""
-        if rule not in SUM_RULES:
-            raise ConfigError(
-                f"[privacy] needs a method whose aggregation is a ratio of sums (prelort, segment, fedit, "
-                f"fedit-max, fedit-rN); run.method = {method!r} is not one"
-            )
-        if self.dp:
-            if self.clip is None:
-                raise ConfigError("privacy.clip is required with privacy.noise_multiplier / target_epsilon")
-            _real("privacy.clip", self.clip, lo=0.0, lo_open=True)
-            if (self.noise_multiplier is None) == (self.target_epsilon is None):
-                raise ConfigError(
-                    "[privacy] needs exactly one of privacy.noise_multiplier and privacy.target_epsilon, "
-                    f"got {'both' if self.noise_multiplier is not None else 'neither'}"
-                )
-            if self.noise_multiplier is not None:
-                _real("privacy.noise_multiplier", self.noise_multiplier, lo=0.0, lo_open=True)
-            if self.target_epsilon is not None:
-                _real("privacy.target_epsilon", self.target_epsilon, lo=0.0, lo_open=True)
-            if self.delta is None:
-                raise ConfigError(
-                    "privacy.delta is required with privacy.clip (e.g. 1e-5, below 1 / clients)"
-                )
+        """Checks of the [privacy] section (called by ``Config.validate``); pure. Every number
+        first (finite, in range), then the consistency of the section."""
+        for key in ("clip", "noise_multiplier", "target_epsilon"):
+            value = getattr(self, key)
+            if value is not None:
+                _real(f"privacy.{key}", value, lo=0.0, lo_open=True)
+        if self.delta is not None:
             _real("privacy.delta", self.delta, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
-        else:
-            if self.delta is not None:
-                raise ConfigError("privacy.delta needs privacy.clip and a noise_multiplier or target_epsilon")
-            if not self.secure_aggregation:
-                raise ConfigError(
-                    "[privacy] enables nothing: set privacy.clip with privacy.noise_multiplier or "
-                    "privacy.target_epsilon and privacy.delta, or privacy.secure_aggregation = true"
-                )
         if self.noise_seed is not None:
             _seed("privacy.noise_seed", self.noise_seed)
         _int_at_least("privacy.min_segment_owners", self.min_segment_owners, 1)
@@ -248,6 +224,40 @@ class PrivacySection:
                 f"privacy.secagg_bits = {self.secagg_bits} overflows SecAgg+'s 32-bit sums with "
                 f"{clients_per_round} clients per round; lower it (clients_per_round * 2^bits < 2^32)"
             )
+        if rule not in SUM_RULES:
+            raise ConfigError(
+                f"[privacy] needs a method whose aggregation is a ratio of sums (prelort, segment, fedit, "
+                f"fedit-max, fedit-rN); run.method = {method!r} is not one"
+            )
+        if self.dp:
+            if self.clip is None:
+                given = "noise_multiplier" if self.noise_multiplier is not None else "target_epsilon"
+                raise ConfigError(f"privacy.{given} needs privacy.clip (the L2 bound C of an update)")
+            if (self.noise_multiplier is None) == (self.target_epsilon is None):
+                got = "both" if self.noise_multiplier is not None else "neither"
+                raise ConfigError(
+                    f"privacy.clip = {self.clip!r} needs exactly one of privacy.noise_multiplier and "
+                    f"privacy.target_epsilon, got {got}"
+                )
+            if self.delta is None:
+                raise ConfigError(
+                    f"privacy.clip = {self.clip!r} needs privacy.delta (e.g. 1e-5, below 1 / clients)"
+                )
+        else:
+            if self.delta is not None:
+                raise ConfigError("privacy.delta needs privacy.clip and a noise_multiplier or target_epsilon")
+            if not self.secure_aggregation:
+                tuning = ", ".join(
+                    f.name
+                    for f in dataclasses.fields(self)
+                    if f.name
+                    not in ("clip", "noise_multiplier", "target_epsilon", "delta", "secure_aggregation")
+                )
+                raise ConfigError(
+                    "[privacy] enables nothing: set privacy.clip with privacy.noise_multiplier or "
+                    "privacy.target_epsilon and privacy.delta, or privacy.secure_aggregation = true "
+                    f"({tuning} only tune them)"
+                )
         if self.secure_aggregation and clients_per_round < 2:
             raise ConfigError(
                 "privacy.secure_aggregation needs run.clients_per_round >= 2 "
