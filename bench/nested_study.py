@@ -146,9 +146,7 @@ def report(rows: list[dict[str, Any]]) -> dict[str, Any]:
         }
         non_mono = 0
         for seed_vals in by_seed.values():
-            non_mono += sum(
-                1 for a, b in itertools.pairwise(levels) if seed_vals[b] > seed_vals[a] + 1e-9
-            )
+            non_mono += sum(1 for a, b in itertools.pairwise(levels) if seed_vals[b] > seed_vals[a] + 1e-9)
         cell["non_monotone_steps"] = non_mono
         cell["monotone_checks"] = len(by_seed) * (len(levels) - 1)
         for lv in levels:
