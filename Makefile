@@ -45,7 +45,7 @@ bench-synthetic: $(STAMP)
 # SmolLM2 comparisons (issue #11): matched passes, stratified sampling, per-level oracles;
 # Natural Instructions needs PRELORT_DATA_DIR (the folder holding natural_instructions/).
 # Runs resume and finished runs are reused.
-LLM_METHODS := prelort,segment,hetlora,flexlora,flora,fedit-r2,fedit-r8
+LLM_METHODS := prelort,segment,flexlora,rb-lora,fed-plora,florist,hetlora,flora,fedit-r2,fedit-r8
 bench-llm: $(STAMP)
 	$(VENV)/bin/prelort compare --config configs/bench-bbc.toml --methods $(LLM_METHODS) --seeds 0,1,2 --out bench/results/smollm2-bbc
 	$(VENV)/bin/prelort compare --config configs/bench-ni.toml --methods $(LLM_METHODS) --seeds 0,1,2 --out bench/results/smollm2-ni
