@@ -168,3 +168,12 @@ def test_cli_run_and_compare(tmp_path: Path) -> None:
     assert "| prelort |" in md and "**" in md
     assert (cmp_out / "loss_vs_rank.png").stat().st_size > 1000
     assert (cmp_out / "loss_vs_round.png").is_file()
+
+    # --report-only summarises finished runs only and runs nothing new
+    (cmp_out / "summary.json").unlink()
+    more = [a if a != "0,1" else "0,1,2" for a in argv]
+    assert main([*more, "--report-only"]) == 0
+    assert not (cmp_out / "runs" / "prelort-seed2").exists()
+    again = json.loads((cmp_out / "summary.json").read_text())
+    assert again["methods"]["prelort"]["per_rank"] == summary["methods"]["prelort"]["per_rank"]
+    assert main([*[a if a != "prelort,segment" else "flora" for a in argv], "--report-only"]) == 2

@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     cmp_.add_argument("--out", required=True)
     cmp_.add_argument("--quiet", action="store_true")
+    cmp_.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: summarise the finished runs in OUT (a comparison still in progress)",
+    )
 
     exp = sub.add_parser("export", help="write a rank-r PEFT adapter from a finished run")
     exp.add_argument("--run", required=True, help="the --out folder of `prelort run`")
@@ -243,6 +248,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     _check_out_dir(out, "--out")
+    if args.report_only:  # reads finished results and writes the summary atomically: no lock
+        return _compare(args)
     with run_lock(out, log=_log_stderr):
         return _compare(args)
 
@@ -277,6 +284,9 @@ def _compare(args: argparse.Namespace) -> int:
             cfg = load_config(args.config, [*args.set, f'run.method="{method}"', f"run.seed={seed}"])
             run_dir = out / "runs" / f"{method}-seed{seed}"
             existing = run_dir / "results.json"
+            if args.report_only and not existing.is_file():
+                console.print(f"not finished yet: {run_dir}")
+                continue
             if existing.is_file():  # finished earlier: reuse, nothing computed is lost
                 done = json.loads(existing.read_text(encoding="utf-8"))
                 if not _same_config(done.get("config"), config_to_dict(cfg)):
@@ -290,6 +300,8 @@ def _compare(args: argparse.Namespace) -> int:
                 workload = build_workload(cfg)
             with run_lock(run_dir, log=_log_stderr):  # a `run --resume` of this folder must wait
                 runs.append(execute_run(cfg, workload, run_dir, progress=not args.quiet, console=console))
+    if not runs:
+        raise UserError(f"{out}: no finished run of these methods and seeds to summarise")
     summary = summarise(runs)
     summary["config"] = str(args.config)
     summary["overrides"] = list(args.set)
