@@ -518,9 +518,11 @@ def run_in_folder(
     cfg = driver.plan.cfg
     start = time.perf_counter()
     resume = load_checkpoint(out, cfg, log=log_line)
+    earlier = 0.0  # seconds spent by the processes before a resume, from their round records
     if resume is not None:
         log_line(f"resuming {out} after round {resume[0].round}")
         state, rounds = resume[0], list(resume[1])
+        earlier = sum(float(r.get("seconds", 0.0)) for r in rounds)
     else:
         atomic_write_text(out / "config.toml", dump_toml(config_to_dict(cfg)))
         state, rounds = driver.start()
@@ -552,7 +554,7 @@ def run_in_folder(
         driver.on_state, driver.on_round = user_on_state, user_on_round
         if board is not None:
             board.close()
-    results = driver.results(state, rounds, time.perf_counter() - start)
+    results = driver.results(state, rounds, earlier + time.perf_counter() - start)
     results.update(extra or {})
     write_results(out, results, cfg)
     return results
