@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
 import torch
 from torch import nn
 
@@ -22,3 +25,15 @@ class TinyNet(nn.Module):
 def tiny_net(seed: int = 0) -> TinyNet:
     torch.manual_seed(seed)
     return TinyNet()
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """Flower messages read the run and node of the current task; a ServerApp process sets
+    them, so in-process tests of the Flower apps set them here and restore them after."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved

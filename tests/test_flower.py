@@ -29,7 +29,6 @@ pytest.importorskip("flwr")
 
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from prelort.adapters.state import Adapter, LoRAPair
 from prelort.config import Config
@@ -225,15 +224,6 @@ class InMemoryGrid(Grid):
 
     def set_run(self, run: Any) -> None:  # pragma: no cover - unused
         raise NotImplementedError
-
-
-@pytest.fixture
-def task_identity() -> Iterator[None]:
-    """Messages read the run and node of the current task; a ServerApp process sets them."""
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
 def _nodes(ranks: list[int]) -> dict[int, dict[str, Any]]:
