@@ -30,12 +30,12 @@ pytest.importorskip("flwr")
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from flower_support import SMALL_SET, SYNTHETIC, reference_run, small_config
 from prelort.adapters.state import Adapter, LoRAPair
 from prelort.config import Config
 from prelort.errors import ConfigError, UserError
-from prelort.federation import METHODS, run_simulation
+from prelort.federation import METHODS
 from prelort.federation.artifacts import load_global
-from prelort.federation.core import ServerState
 from prelort.federation.plan import assign_ranks
 from prelort.flower import client_app, local
 from prelort.flower.certs import make_node_key, make_test_pki
@@ -50,32 +50,6 @@ from prelort.flower.settings import (
     with_node_ranks,
 )
 from prelort.workloads import build_workload
-
-ROOT = Path(__file__).resolve().parents[1]
-SYNTHETIC = ROOT / "configs" / "synthetic.toml"
-# The acceptance federation: 3 clients of ranks 2, 4, 8, all sampled, 2 rounds, tiny model.
-SMALL_SET = [
-    "run.rounds=2",
-    "run.clients_per_round=3",
-    "run.eval_every=1",
-    "clients.levels=[2, 4, 8]",
-    "synthetic.hidden=12",
-    "synthetic.test_examples=60",
-    "train.steps=2",
-]
-
-
-def _small(method: str = "prelort", rounds: int = 2) -> Config:
-    return local.resolve_config(
-        str(SYNTHETIC), [*SMALL_SET, f"run.method='{method}'", f"run.rounds={rounds}"], 3, [2, 4, 8]
-    )
-
-
-def _reference(cfg: Config) -> tuple[dict[str, Any], ServerState]:
-    """``run_simulation`` on ``cfg``: its results and final server state."""
-    states: list[ServerState] = []
-    res = run_simulation(cfg, build_workload(cfg), on_state=lambda s, _r: states.append(s))
-    return res, states[-1]
 
 
 def _assert_same_adapter(a: Adapter, b: Adapter, atol: float = 1e-6) -> None:
@@ -135,7 +109,7 @@ def test_node_config_and_node_ranks() -> None:
     assert node_info_from_config({"partition-id": 0}) == NodeInfo(0, None)
     with pytest.raises(ConfigError, match="partition-id must be a non-negative integer"):
         node_info_from_config({"rank": 8})
-    cfg = _small()
+    cfg = small_config()
     swapped = with_node_ranks(cfg, {0: NodeInfo(0, 8), 1: NodeInfo(1, None), 2: NodeInfo(2, 2)})
     assert swapped.clients.ranks == [8, 4, 2]  # a node's own rank wins, else the config's
     with pytest.raises(ConfigError, match=r"needs exactly 0\.\.2"):
@@ -235,13 +209,13 @@ def _nodes(ranks: list[int]) -> dict[int, dict[str, Any]]:
 def test_flower_apps_give_the_simulators_global_adapter(
     method: str, tmp_path: Path, task_identity: None
 ) -> None:
-    cfg = _small(method, rounds=3)
+    cfg = small_config(method, rounds=3)
     client_app._WORKERS.clear()
     grid = InMemoryGrid(_nodes([2, 4, 8]))
     res = run_federation(
         grid, cfg, RunSettings("", (), str(tmp_path), poll_interval=0.01), tmp_path, run_id=7
     )
-    ref, ref_state = _reference(cfg)
+    ref, ref_state = reference_run(cfg)
     adapter, delta = load_global(tmp_path)
     _assert_same_adapter(adapter, ref_state.adapter)
     if method == "flora":  # every client merged the accumulated base delta before training
@@ -266,7 +240,7 @@ def test_flower_apps_give_the_simulators_global_adapter(
 
 
 def test_a_silent_node_is_dropped_like_in_the_simulator(tmp_path: Path, task_identity: None) -> None:
-    cfg = _small("segment", rounds=2)
+    cfg = small_config("segment", rounds=2)
     client_app._WORKERS.clear()
     nodes = _nodes([2, 4, 8])
     silent = next(n for n, c in nodes.items() if c["partition-id"] == 1)
@@ -295,7 +269,7 @@ class CrashingGrid(InMemoryGrid):
 
 
 def test_a_restarted_run_resumes_from_its_checkpoint(tmp_path: Path, task_identity: None) -> None:
-    cfg = _small("prelort", rounds=3)
+    cfg = small_config("prelort", rounds=3)
     client_app._WORKERS.clear()
     full = run_federation(InMemoryGrid(_nodes([2, 4, 8])), cfg, RunSettings("", (), ""), tmp_path / "full")
     with pytest.raises(ConnectionError):
@@ -319,7 +293,7 @@ def test_client_evaluate_handler_and_worker_cache(task_identity: None) -> None:
     from prelort.federation.simulator import build_nested
     from prelort.flower.transport import FlowerTransport
 
-    cfg = _small()
+    cfg = small_config()
     client_app._WORKERS.clear()
     wl = build_workload(cfg)
     plan = build_plan(cfg)
@@ -390,7 +364,7 @@ def test_worker_reply_equals_client_update(worker_address: str, task_identity: N
     from prelort.federation.simulator import build_nested
     from prelort.flower.worker import call
 
-    cfg = _small()
+    cfg = small_config()
     client_app._WORKERS.clear()
     msg = _train_message(cfg)
     node = {"partition-id": 2, "rank": 8}
@@ -429,7 +403,7 @@ def test_worker_reply_equals_client_update(worker_address: str, task_identity: N
 def test_worker_turns_exceptions_into_error_replies(worker_address: str, task_identity: None) -> None:
     from prelort.flower.worker import WorkerError, call, encode_content, recv_frames, send_frames
 
-    cfg = _small()
+    cfg = small_config()
     client_app._WORKERS.clear()
     msg = _train_message(cfg)
     ctx = Context(
@@ -473,7 +447,7 @@ def test_forwarding_client_app_imports_no_torch(
     from prelort.flower.worker import decode_content, encode_content
 
     client_app._WORKERS.clear()
-    msg = _train_message(_small())
+    msg = _train_message(small_config())
     (tmp_path / "content.bin").write_bytes(encode_content(msg.content))
     script = f"""
 import sys
@@ -578,8 +552,8 @@ def test_loopback_deployment_matches_the_simulator(
     monkeypatch.setattr(local.LocalFederation, "close", close_and_record)
     assert local.main(args) == 0, capsys.readouterr().err
     assert "rel_loss" in capsys.readouterr().out
-    cfg = _small("prelort", rounds=2)
-    ref, ref_state = _reference(cfg)
+    cfg = small_config("prelort", rounds=2)
+    ref, ref_state = reference_run(cfg)
     adapter, _ = load_global(out)
     _assert_same_adapter(adapter, ref_state.adapter)
     res = json.loads((out / "results.json").read_text())
@@ -597,7 +571,7 @@ def test_loopback_deployment_matches_the_simulator(
 @pytest.mark.integration
 def test_tls_and_supernode_auth_refuse_an_unregistered_node(tmp_path: Path) -> None:
     """TLS + SuperNode authentication: 3 registered nodes train FlexLoRA, a 4th key is refused."""
-    cfg = _small("flexlora", rounds=1)
+    cfg = small_config("flexlora", rounds=1)
     work = tmp_path / "fed"
     work.mkdir()
     conf = work / "prelort.toml"
@@ -630,5 +604,5 @@ def test_tls_and_supernode_auth_refuse_an_unregistered_node(tmp_path: Path) -> N
     assert not _all_dead(pids), "processes left running"
     assert not local.processes_under(work), "processes left running"
     assert sockets is not None and not sockets.exists(), "worker sockets left behind"
-    _, ref_state = _reference(cfg)
+    _, ref_state = reference_run(cfg)
     _assert_same_adapter(load_global(tmp_path / "run")[0], ref_state.adapter)

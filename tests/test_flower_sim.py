@@ -12,7 +12,6 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -20,37 +19,10 @@ import torch
 pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
-from prelort.config import Config
+from flower_support import SMALL_SET, SYNTHETIC, reference_run, small_config
 from prelort.errors import UserError
-from prelort.federation import run_simulation
 from prelort.federation.artifacts import load_global
-from prelort.federation.core import ServerState
 from prelort.flower import local
-from prelort.workloads import build_workload
-
-ROOT = Path(__file__).resolve().parents[1]
-SYNTHETIC = ROOT / "configs" / "synthetic.toml"
-# The acceptance federation of tests/test_flower.py: 3 clients of ranks 2, 4, 8, all sampled,
-# 2 rounds of prelort, tiny model.
-SMALL_SET = [
-    "run.rounds=2",
-    "run.clients_per_round=3",
-    "run.eval_every=1",
-    "clients.levels=[2, 4, 8]",
-    "synthetic.hidden=12",
-    "synthetic.test_examples=60",
-    "train.steps=2",
-]
-
-
-def _small() -> Config:
-    return local.resolve_config(str(SYNTHETIC), [*SMALL_SET, "run.method='prelort'"], 3, [2, 4, 8])
-
-
-def _reference(cfg: Config) -> tuple[dict[str, Any], ServerState]:
-    states: list[ServerState] = []
-    res = run_simulation(cfg, build_workload(cfg), on_state=lambda s, _r: states.append(s))
-    return res, states[-1]
 
 
 def _cmdline(pid: int) -> str:
@@ -110,7 +82,7 @@ def test_simulation_engine_matches_the_simulator(
     assert rc == 0, capsys.readouterr().err
     assert "rel_loss" in capsys.readouterr().out
 
-    ref, ref_state = _reference(_small())
+    ref, ref_state = reference_run(small_config())
     adapter, _ = load_global(out)
     assert set(adapter) == set(ref_state.adapter)
     for name, pair in adapter.items():

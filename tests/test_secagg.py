@@ -25,6 +25,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.serverapp import Grid
 
+from flower_support import SYNTHETIC
 from prelort.config import Config
 from prelort.federation import run_simulation
 from prelort.federation.artifacts import load_global
@@ -35,8 +36,6 @@ from prelort.flower.server_app import run_federation
 from prelort.flower.settings import RunSettings
 from prelort.workloads import build_workload
 
-ROOT = Path(__file__).resolve().parents[1]
-SYNTHETIC = ROOT / "configs" / "synthetic.toml"
 RANKS = [2, 4, 8, 8]
 SMALL = [
     "run.rounds=2",

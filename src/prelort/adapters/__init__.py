@@ -5,8 +5,7 @@ Names are imported lazily: ``prelort.adapters.state`` (tensors only) does not pu
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from prelort._lazy import lazy_getattr
 
 _LAZY = {
     "export_peft_adapter": "prelort.adapters.export",
@@ -21,8 +20,4 @@ _LAZY = {
 }
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'prelort.adapters' has no attribute {name!r}")
+__getattr__ = lazy_getattr("prelort.adapters", _LAZY)

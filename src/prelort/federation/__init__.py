@@ -6,8 +6,7 @@ validation) does not pull in torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from prelort._lazy import lazy_getattr
 
 _LAZY = {
     "METHODS": "prelort.federation.methods",
@@ -22,8 +21,4 @@ _LAZY = {
 }
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'prelort.federation' has no attribute {name!r}")
+__getattr__ = lazy_getattr("prelort.federation", _LAZY)
