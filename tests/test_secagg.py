@@ -25,7 +25,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.serverapp import Grid
 
-from flower_support import SYNTHETIC
+from flower_support import SMALL_SET, SYNTHETIC
 from prelort.config import Config
 from prelort.federation import run_simulation
 from prelort.federation.artifacts import load_global
@@ -37,17 +37,8 @@ from prelort.flower.settings import RunSettings
 from prelort.workloads import build_workload
 
 RANKS = [2, 4, 8, 8]
-SMALL = [
-    "run.rounds=2",
-    "run.clients_per_round=4",
-    "run.eval_every=1",
-    "run.method='prelort'",
-    "clients.levels=[2, 4, 8]",
-    "synthetic.hidden=12",
-    "synthetic.test_examples=60",
-    "train.steps=2",
-    "privacy.secure_aggregation=true",
-]
+# the Flower tests' acceptance federation with a fourth client, all sampled, under SecAgg+
+SMALL = [*SMALL_SET, "run.clients_per_round=4", "run.method='prelort'", "privacy.secure_aggregation=true"]
 
 
 def _cfg(extra: list[str] = ()) -> Config:  # type: ignore[assignment]
