@@ -507,6 +507,33 @@ def test_worker_process_exits_with_its_parent_and_on_sigterm(tmp_path: Path) -> 
         shutil.rmtree(folder, ignore_errors=True)
 
 
+
+def test_a_second_close_returns_only_once_the_socket_file_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race behind a left-behind socket: the watchdog thread closes the worker, the main
+    thread (woken by the closed socket) calls ``close`` too and the process exits. That second
+    call must wait for the first one's ``unlink``."""
+    from prelort.flower import worker as worker_module
+
+    path = tmp_path / "w.sock"
+    server = worker_module.Worker(f"unix:{path}", accept_timeout=0.05)
+    real_unlink = os.unlink
+    in_unlink = threading.Event()
+
+    def slow_unlink(target: str) -> None:
+        in_unlink.set()
+        time.sleep(0.3)
+        real_unlink(target)
+
+    monkeypatch.setattr(worker_module.os, "unlink", slow_unlink)
+    first = threading.Thread(target=server.close)
+    first.start()
+    assert in_unlink.wait(timeout=10)
+    server.close()  # the main thread's call, while the watchdog's is still unlinking
+    assert not path.exists()
+    first.join(timeout=10)
+
 # -- real processes: SuperLink + SuperNodes + flwr run on loopback ------------------------------
 def _all_dead(pids: list[int], timeout: float = 15.0) -> list[int]:
     end = time.monotonic() + timeout

@@ -262,17 +262,21 @@ class Worker:
             log.warning("could not send the reply (the ClientApp is gone?): %s", exc)
 
     def close(self) -> None:
-        """Stop serving, close the listening socket and remove its file (idempotent)."""
+        """Stop serving, close the listening socket and remove its file (idempotent).
+
+        The whole clean-up runs under the lock, so a second caller (the main thread, woken by
+        the closed socket while the parent watchdog is closing) returns only once the socket
+        file is gone; otherwise the process could exit between ``close`` and ``unlink``."""
         with self._lock:
             if self._closed:
                 return
+            self._stop.set()
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            if self.path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
             self._closed = True
-        self._stop.set()
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        if self.path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
 
     def __enter__(self) -> Worker:
         return self
