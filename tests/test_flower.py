@@ -507,7 +507,6 @@ def test_worker_process_exits_with_its_parent_and_on_sigterm(tmp_path: Path) -> 
         shutil.rmtree(folder, ignore_errors=True)
 
 
-
 def test_a_second_close_returns_only_once_the_socket_file_is_gone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -533,6 +532,7 @@ def test_a_second_close_returns_only_once_the_socket_file_is_gone(
     server.close()  # the main thread's call, while the watchdog's is still unlinking
     assert not path.exists()
     first.join(timeout=10)
+
 
 # -- real processes: SuperLink + SuperNodes + flwr run on loopback ------------------------------
 def _all_dead(pids: list[int], timeout: float = 15.0) -> list[int]:
