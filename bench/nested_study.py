@@ -122,6 +122,25 @@ def _t95(df: int) -> float:
     return table[df - 1] if df <= len(table) else 1.96
 
 
+def paired_interval(diffs: list[float]) -> dict[str, float]:
+    """Mean of paired differences and its 95% Student-t interval (NaN bounds for one pair)."""
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n < 2:
+        return {"mean": mean, "ci_low": float("nan"), "ci_high": float("nan")}
+    sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (n - 1))
+    half = _t95(n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def cell_text(mean: float, diff: dict[str, float] | None) -> str:
+    """``mean [diff, low..high]`` for a table cell (no brackets without a paired difference)."""
+    text = f"{mean:.3f}"
+    if diff is not None:
+        text += f" [{diff['mean']:+.3f}, {diff['ci_low']:+.3f}..{diff['ci_high']:+.3f}]"
+    return text
+
+
 def report(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Means per cell, paired differences vs segment (same setting/scaling/seed), a ranking."""
     cells: dict[tuple[str, str, str], dict[int, dict[str, float]]] = {}
@@ -155,10 +174,7 @@ def report(rows: list[dict[str, Any]]) -> dict[str, Any]:
             seeds = sorted(set(by_seed) & set(ref))
             if seeds and variant != "segment":
                 d = [by_seed[s][lv] - ref[s][lv] for s in seeds]
-                mean = sum(d) / len(d)
-                sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1)) if len(d) > 1 else 0.0
-                half = _t95(len(d) - 1) * sd / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-                cell["diff_vs_segment"][lv] = {"mean": mean, "ci_low": mean - half, "ci_high": mean + half}
+                cell["diff_vs_segment"][lv] = paired_interval(d)
         # scale-free score: mean over levels of log(rel MSE), lower is better
         s = sum(math.log(cell["mean"][lv]) for lv in levels) / len(levels)
         cell["mean_log_rel_loss"] = s
@@ -210,13 +226,7 @@ def markdown(rep: dict[str, Any]) -> str:
                 "| variant | passes | " + " | ".join(f"r={lv}" for lv in levels) + " | non-mono |",
                 "|---|---:|" + "---:|" * len(levels) + "---:|",
             ]
-        parts = []
-        for lv in levels:
-            text = f"{cell['mean'][lv]:.3f}"
-            d = cell["diff_vs_segment"].get(lv)
-            if d is not None:
-                text += f" [{d['mean']:+.3f}, {d['ci_low']:+.3f}..{d['ci_high']:+.3f}]"
-            parts.append(text)
+        parts = [cell_text(cell["mean"][lv], cell["diff_vs_segment"].get(lv)) for lv in levels]
         lines.append(
             f"| {cell['variant']} | {cell['mean_passes']:.0f} | "
             + " | ".join(parts)

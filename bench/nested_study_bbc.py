@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine, write_json
+from nested_study import cell_text, paired_interval
 
 CONFIG = ROOT / "configs" / "bench-bbc.toml"
 COMPARISON = ROOT / "bench" / "results" / "smollm2-bbc"
@@ -48,7 +48,6 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
 REUSED = {"segment", "sample-0.7"}  # identical to the comparison's runs
 LEVELS = ["2", "8"]
 METRICS = {"accuracy": False, "perplexity": True}  # metric -> lower is better
-T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
 
 
 def _folder(out: Path, variant: str) -> Path:
@@ -96,16 +95,6 @@ def load_runs(out: Path, seeds: list[int]) -> dict[str, dict[int, dict[str, Any]
     return rows
 
 
-def _interval(diffs: list[float]) -> dict[str, float]:
-    n = len(diffs)
-    mean = sum(diffs) / n
-    if n < 2:
-        return {"mean": mean, "ci_low": float("nan"), "ci_high": float("nan"), "n": n}
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    half = (T95[n - 2] if n - 1 <= len(T95) else 1.96) * sd / math.sqrt(n)
-    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n}
-
-
 def report(rows: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
     """Means per variant, paired differences vs the variant's reference, non-monotone seeds."""
     cells = []
@@ -131,7 +120,7 @@ def report(rows: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
                 paired = sorted(set(by_seed) & set(ref))
                 if variant != VARIANTS[variant][2] and paired:
                     d = [by_seed[s]["per_rank"][lv][metric] - ref[s]["per_rank"][lv][metric] for s in paired]
-                    cell["diff"][f"{metric}@{lv}"] = _interval(d)
+                    cell["diff"][f"{metric}@{lv}"] = paired_interval(d)
         cells.append(cell)
     return {"cells": cells}
 
@@ -151,13 +140,7 @@ def markdown(rep: dict[str, Any], command: str) -> str:
         "|---|---:|---:|" + "---:|" * len(cols) + "---:|",
     ]
     for cell in rep["cells"]:
-        parts = []
-        for c in cols:
-            text = f"{cell['mean'][c]:.3f}"
-            d = cell["diff"].get(c)
-            if d is not None:
-                text += f" [{d['mean']:+.3f}, {d['ci_low']:+.3f}..{d['ci_high']:+.3f}]"
-            parts.append(text)
+        parts = [cell_text(cell["mean"][c], cell["diff"].get(c)) for c in cols]
         lines.append(
             f"| {cell['variant']} | {len(cell['seeds'])} | {cell['mean_passes']:.0f} | "
             + " | ".join(parts)
