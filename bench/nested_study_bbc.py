@@ -42,8 +42,6 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "all-0.7": ("prelort", ['train.nested_mode="all"'], "segment"),
     "segment-per_rank": ("segment", ['lora.scaling="per_rank"'], "segment-per_rank"),
     "sample-0.7-per_rank": ("prelort", ['lora.scaling="per_rank"'], "segment-per_rank"),
-    "segment-rslora": ("segment", ['lora.scaling="rslora"'], "segment-rslora"),
-    "sample-0.7-rslora": ("prelort", ['lora.scaling="rslora"'], "segment-rslora"),
 }
 REUSED = {"segment", "sample-0.7"}  # identical to the comparison's runs
 LEVELS = ["2", "8"]
