@@ -42,6 +42,8 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "all-0.7": ("prelort", ['train.nested_mode="all"'], "segment"),
     "segment-per_rank": ("segment", ['lora.scaling="per_rank"'], "segment-per_rank"),
     "sample-0.7-per_rank": ("prelort", ['lora.scaling="per_rank"'], "segment-per_rank"),
+    "sample-0.7-ffa": ("prelort", ['train.factors="b-only"'], "segment"),
+    "sample-0.7-alt": ("prelort", ['train.factors="alternate"'], "segment"),
 }
 REUSED = {"segment", "sample-0.7"}  # identical to the comparison's runs
 LEVELS = ["2", "8"]
