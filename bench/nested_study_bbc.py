@@ -66,14 +66,12 @@ def run_variant(out: Path, variant: str, seeds: str) -> None:
 
 
 def _check_reused(variant: str, run: dict[str, Any], seed: int) -> None:
-    from prelort.config import config_to_dict, load_config
+    from prelort.config import config_to_dict, load_config, same_config
 
     method, sets, _ = VARIANTS[variant]
     want = config_to_dict(load_config(CONFIG, [*sets, f'run.method="{method}"', f"run.seed={seed}"]))
-    for section, values in run["config"].items():
-        for key, value in values.items():
-            if want.get(section, {}).get(key) != value:
-                raise SystemExit(f"{variant} seed {seed}: the comparison's run differs in {section}.{key}")
+    if not same_config(run.get("config"), want):
+        raise SystemExit(f"{variant} seed {seed}: the comparison's run was made with another config")
 
 
 def load_runs(out: Path, seeds: list[int]) -> dict[str, dict[int, dict[str, Any]]]:

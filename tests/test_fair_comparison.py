@@ -179,11 +179,11 @@ def test_config_validation_imports_neither_torch_nor_peft() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_compare_reuses_only_runs_of_the_same_config() -> None:
-    from prelort.cli import _same_config
+def test_compare_reuses_only_runs_of_thesame_config() -> None:
+    from prelort.config import same_config
 
     now = {"run": {"seed": 0, "rounds": 3, "sampling": "stratified"}, "train": {"lr": 0.1}}
-    assert _same_config({"run": {"seed": 0, "rounds": 3}, "train": {"lr": 0.1}}, now)  # older version
-    assert not _same_config({"run": {"seed": 0, "rounds": 4}}, now)
-    assert not _same_config({"run": {"seed": 0, "gone": 1}}, now)
-    assert not _same_config(None, now)
+    assert same_config({"run": {"seed": 0, "rounds": 3}, "train": {"lr": 0.1}}, now)  # older version
+    assert not same_config({"run": {"seed": 0, "rounds": 4}}, now)
+    assert not same_config({"run": {"seed": 0, "gone": 1}}, now)
+    assert not same_config(None, now)

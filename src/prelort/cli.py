@@ -218,23 +218,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _same_config(stored: Any, current: dict[str, Any]) -> bool:
-    """Whether a finished run's stored config is ``current``: every key it stored is equal.
-
-    Keys added to the config after the run was made are not in ``stored`` and are taken to
-    have had their default, so finished results stay reusable across versions.
-    """
-    if not isinstance(stored, dict):
-        return False
-    for section, values in stored.items():
-        now = current.get(section)
-        if not isinstance(values, dict) or not isinstance(now, dict):
-            return False
-        if any(key not in now or now[key] != value for key, value in values.items()):
-            return False
-    return True
-
-
 def _parse_list(text: str, what: str) -> list[str]:
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items:
@@ -255,7 +238,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from prelort.config import config_to_dict, load_config
+    from prelort.config import config_to_dict, load_config, same_config
     from prelort.federation.methods import METHODS, oracle_level
     from prelort.lock import run_lock
 
@@ -289,7 +272,7 @@ def _compare(args: argparse.Namespace) -> int:
                 continue
             if existing.is_file():  # finished earlier: reuse, nothing computed is lost
                 done = json.loads(existing.read_text(encoding="utf-8"))
-                if not _same_config(done.get("config"), config_to_dict(cfg)):
+                if not same_config(done.get("config"), config_to_dict(cfg)):
                     raise UserError(
                         f"{existing} was run with another configuration; move it away or choose another --out"
                     )

@@ -620,3 +620,20 @@ def dump_toml(data: dict[str, Any]) -> str:
             lines.append(f"{k} = {fmt(v)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def same_config(stored: Any, current: dict[str, Any]) -> bool:
+    """Whether a finished run's stored config is ``current``: every key it stored is equal.
+
+    Keys added to the config after the run was made are not in ``stored`` and are taken to
+    have had their default, so finished results stay reusable across versions.
+    """
+    if not isinstance(stored, dict):
+        return False
+    for section, values in stored.items():
+        now = current.get(section)
+        if not isinstance(values, dict) or not isinstance(now, dict):
+            return False
+        if any(key not in now or now[key] != value for key, value in values.items()):
+            return False
+    return True
