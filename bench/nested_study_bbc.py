@@ -57,7 +57,8 @@ def _folder(out: Path, variant: str) -> Path:
 def run_variant(out: Path, variant: str, seeds: str) -> None:
     """``prelort compare`` for one variant (resumes, reuses finished runs)."""
     method, sets, _ = VARIANTS[variant]
-    cmd = [str(ROOT / ".venv" / "bin" / "prelort"), "compare", "--config", str(CONFIG)]
+    prelort = Path(sys.executable).with_name("prelort")  # the CLI of the running environment
+    cmd = [str(prelort), "compare", "--config", str(CONFIG)]
     cmd += ["--methods", method, "--seeds", seeds, "--out", str(out / variant), "--quiet"]
     for s in sets:
         cmd += ["--set", s]
