@@ -60,7 +60,8 @@ BASELINES: dict[str, list[str]] = {
     m: [f'run.method="{m}"'] for m in ("flexlora", "rb-lora", "raflora", "hetlora")
 }
 VARIANTS = {**CANDIDATES, **BASELINES}
-SIMPLICITY = [f"{o}-{t}" for o in ORDERS for t in TRAININGS]  # pre-registered tie-break order
+# the pre-registered tie-break: own < ebal < rb < rbal, then the training variants in table order
+SIMPLICITY = [f"{o}-{t}" for o in ("own", "ebal", "rb", "rbal") for t in TRAININGS]
 COMMON = ['train.budget="passes"', 'run.sampling="stratified"', "run.eval_every=1000", 'lora.scaling="fixed"']
 
 
