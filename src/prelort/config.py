@@ -77,12 +77,22 @@ class TrainSection:
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 32
-    nested_mode: Literal["all", "sample"] = "sample"
+    nested_mode: Literal["all", "sample", "sandwich", "matryoshka"] = "sample"
     """``sample`` (one level per step, one pass) won over ``all`` at matched passes in the
-    nested-objective study (bench/results/nested_study); ``own_weight`` 0.7 likewise."""
+    nested-objective study (bench/results/nested_study); ``own_weight`` 0.7 likewise.
+    ``sandwich``: every step one pass at the own rank and one at a lower level drawn from c
+    (two passes); ``matryoshka``: one pass with rank dimension i weighted by
+    sum_{l > i} c_l (MatryoshkaLoRA); docs/design.md §2."""
     own_weight: float | Literal["equal", "geometric"] = 0.7
     """Share of the client's own rank among its nested levels; "equal" weights; or
     "geometric": c_l proportional to 2^j for the j-th level (each level twice the one below)."""
+    own_weight_final: float | None = None
+    """With a numeric ``own_weight``: the own weight moves linearly from ``own_weight`` in
+    round 1 to this in round ``run.rounds`` (None: constant)."""
+    distill: float = 0.0
+    """lambda in [0, 1] of FjORD-style self-distillation (``sandwich`` and ``all`` only): the
+    loss at a lower level l becomes (1 - lambda) loss(l) + lambda D(output at l, own-rank
+    output of the same step, detached); D is MSE (synthetic) or KL(teacher || student) (LLM)."""
     factors: Literal["both", "b-only", "alternate"] = "both"
     """Which LoRA factors clients train: both; B only with A frozen at its shared random
     init (FFA-LoRA); or alternating rounds, B on odd rounds and A on even ones (RoLoRA)."""
@@ -90,7 +100,22 @@ class TrainSection:
     budget: Literal["steps", "passes"] = "passes"
     """``steps``: every client makes ``steps`` optimiser steps; ``passes``: every client makes
     ``steps`` forward/backward passes (a nested ``all`` client with |L_k| levels gets
-    max(1, round(steps / |L_k|)) steps), so methods are compared at matched compute."""
+    max(1, round(steps / |L_k|)) steps, a ``sandwich`` client with more than one level
+    max(1, round(steps / 2))), so methods are compared at matched compute."""
+
+
+@dataclass
+class AggregationSection:
+    """[aggregation]: options of the segment-wise rules (``segment``, ``prelort``)."""
+
+    order: Literal["auto", "ownership", "round", "export"] = "auto"
+    """Rank-dimension order (docs/design.md §4.2b): ``ownership`` as averaged; ``round``: after
+    every aggregation, rotated so every prefix is the best rank-r approximation of the full
+    product; ``export``: that rotation only for evaluation and export; ``auto``: the method's
+    own (``segment``: ownership, ``prelort``: its default, federation/methods.py)."""
+    split: Literal["balanced", "b"] = "balanced"
+    """How the re-ordered spectrum S is shared: ``balanced`` (A' = S^1/2 V^T Q_A^T,
+    B' = Q_B U S^1/2) or ``b`` (A' orthonormal rows, B' = Q_B U S); same product and prefixes."""
 
 
 @dataclass
@@ -274,6 +299,7 @@ class Config:
     lora: LoRASection = field(default_factory=LoRASection)
     train: TrainSection = field(default_factory=TrainSection)
     hetlora: HetLoRASection = field(default_factory=HetLoRASection)
+    aggregation: AggregationSection = field(default_factory=AggregationSection)
     workload: WorkloadSection = field(default_factory=WorkloadSection)
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
     llm: LLMSection = field(default_factory=LLMSection)
@@ -359,9 +385,28 @@ class Config:
                 lo_open=True,
                 hint='or "equal" or "geometric"',
             )
+        if t.own_weight_final is not None:
+            if t.own_weight in ("equal", "geometric"):
+                raise ConfigError(
+                    f"train.own_weight_final needs a numeric train.own_weight, got {t.own_weight!r}; "
+                    "omit it or give own_weight a number"
+                )
+            _real("train.own_weight_final", t.own_weight_final, lo=0.0, hi=1.0, lo_open=True)
+        _real("train.distill", t.distill, lo=0.0, hi=1.0, hint="0 disables self-distillation")
+        if t.distill > 0 and t.nested_mode not in ("sandwich", "all"):
+            raise ConfigError(
+                f'train.distill = {t.distill!r} needs train.nested_mode = "sandwich" or "all" '
+                f"(got {t.nested_mode!r}); set it to 0 or change the mode"
+            )
         if t.max_grad_norm is not None:
             _real(
                 "train.max_grad_norm", t.max_grad_norm, lo=0.0, lo_open=True, hint="omit it for no clipping"
+            )
+
+        if self.aggregation.order not in ("auto", "ownership") and spec.rule not in ORDER_RULES:
+            raise ConfigError(
+                f"aggregation.order = {self.aggregation.order!r} applies to the segment-wise methods "
+                f"({', '.join(ORDER_RULES)}); run.method = {run.method!r} is not one (omit it)"
             )
 
         h = self.hetlora
@@ -415,6 +460,8 @@ class Config:
 
 
 SUM_RULES = ("prelort", "segment", "fedit")
+ORDER_RULES = ("prelort", "segment")
+"""Rules with a rank-dimension order option (``aggregation.order``)."""
 """Aggregation rules that are a ratio of sums (docs/design.md §4.9): [privacy] works with them."""
 
 _INT_MAX = 2**63 - 1  # TOML integers are 64-bit; so are the seeds torch and numpy take

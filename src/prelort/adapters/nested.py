@@ -8,6 +8,10 @@ hook on each ``lora_A`` zeroes the rank dimensions >= r of ``A x``. The layer th
 
 the exact output of a plain rank-r PEFT LoRA built from the sliced weights, and no gradient
 reaches A[r:] or B[:, r:] (their inputs/outputs are multiplied by zero).
+
+``set_dim_weights(w)`` (off by default) makes the same hook a soft mask: the layer computes
+``W x + s(r) * B diag(w) A x`` with ``w_i = 0`` for ``i >= r`` (MatryoshkaLoRA's one-pass
+training, ``prelort.training.local``).
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ class NestedLoRA:
         self._rank = self.max_rank
         self._base_weights: dict[str, torch.Tensor] = {}
         self._masks: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
+        self._dim_weights: torch.Tensor | None = None
         for layer in self.layers.values():
             layer.lora_A[ADAPTER_NAME].register_forward_hook(self._mask_hook)
         self.set_rank(self.max_rank)
@@ -93,15 +98,41 @@ class NestedLoRA:
         for layer in self.layers.values():
             layer.scaling[ADAPTER_NAME] = s
 
+    @property
+    def dim_weights(self) -> torch.Tensor | None:
+        """The per-rank-dimension weights w (length R, fp64), or None when off."""
+        return None if self._dim_weights is None else self._dim_weights.clone()
+
+    def set_dim_weights(self, weights: Sequence[float] | torch.Tensor | None) -> None:
+        """Scale rank dimension i of ``A x`` by ``weights[i]`` (None: off, the default).
+
+        With weights w the layer computes ``W x + s(r) * B diag(w) A x``; dimensions >= r and
+        those beyond ``len(weights)`` get weight 0. Gradients reach dimension i scaled by w_i.
+        """
+        self._masks.clear()
+        if weights is None:
+            self._dim_weights = None
+            return
+        w = torch.as_tensor(weights, dtype=torch.float64).detach().reshape(-1).cpu()
+        if w.numel() > self.max_rank or not bool(torch.isfinite(w).all()):
+            raise ValueError(f"dim weights must be at most {self.max_rank} finite numbers, got {w.tolist()}")
+        full = torch.zeros(self.max_rank, dtype=torch.float64)
+        full[: w.numel()] = w
+        self._dim_weights = full
+
     def _mask_hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
         r = self._rank
-        if r == self.max_rank:
+        weights = self._dim_weights
+        if r == self.max_rank and weights is None:
             return None
         key = (output.device, output.dtype, r)
         mask = self._masks.get(key)
         if mask is None:
             mask = torch.zeros(self.max_rank, device=output.device, dtype=output.dtype)
-            mask[:r] = 1
+            if weights is None:
+                mask[:r] = 1
+            else:
+                mask[:r] = weights[:r].to(device=output.device, dtype=output.dtype)
             self._masks[key] = mask
         return output * mask  # (..., R): rank dims >= r contribute nothing
 

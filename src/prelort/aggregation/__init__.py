@@ -10,7 +10,18 @@ from collections.abc import Sequence
 import torch
 
 from prelort.adapters.state import Adapter, Scaling
-from prelort.aggregation import fed_plora, fedit, flexlora, flora, florist, hetlora, prelort, rb_lora, segment
+from prelort.aggregation import (
+    fed_plora,
+    fedit,
+    flexlora,
+    flora,
+    florist,
+    hetlora,
+    prelort,
+    raflora,
+    rb_lora,
+    segment,
+)
 from prelort.aggregation.base import (
     RULES,
     AggregationResult,
@@ -35,6 +46,7 @@ __all__ = [
     "get_rule",
     "hetlora",
     "prelort",
+    "raflora",
     "rb_lora",
     "segment",
 ]

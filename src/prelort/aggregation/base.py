@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
 from prelort.adapters.state import Adapter, LoRAPair, Scaling
+
+Order = Literal["ownership", "round", "export"]
+Split = Literal["b", "balanced"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class RuleOptions:
     ``server_update`` also sets ``round`` (the round being aggregated), so a rule whose
     per-client choices derive from (seed, round, client) (Fed-PLoRA's module selection) can
     map each update back; ``energy_threshold`` is FLoRIST's singular-value energy share tau.
+    ``order`` is the rank-dimension order of the segment-wise rules (``importance.py``):
+    ``ownership`` (as averaged), ``round`` (importance order after every aggregation) or
+    ``export`` (the state keeps ownership order; evaluation and export see importance order);
+    ``split`` how the re-ordered spectrum is shared between A and B.
     """
 
     scaling: Scaling | None = None
@@ -48,6 +55,8 @@ class RuleOptions:
     seed: int | None = None
     round: int | None = None
     energy_threshold: float = 0.9
+    order: Order = "ownership"
+    split: Split = "balanced"
 
     def scale(self, r: int) -> float:
         return 1.0 if self.scaling is None else self.scaling(r)
@@ -97,6 +106,11 @@ class AggregationRule:
         """Weight delta the client adds to its frozen base weights with this downlink (default:
         none). The transports add it before the client trains and remove it afterwards."""
         return None
+
+    def finish_sums(self, adapter: Adapter) -> Adapter:
+        """Post-processing of the adapter a sum round computed from summed messages
+        (secure aggregation / DP; docs/design.md §4.9). Default: none."""
+        return adapter
 
 
 RULES: dict[str, type[AggregationRule]] = {}

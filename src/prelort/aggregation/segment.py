@@ -8,6 +8,11 @@ Segment j holds rank rows [l_{j-1}, l_j); with C_j = {k : r_k >= l_j} and n_k th
 and a segment no client of this round owns keeps its previous global value. Since every
 client rank is a level, per-row ownership (r_k > i) gives exactly the per-segment sets C_j.
 Only weighted sums and per-row weight sums are needed, so it is secure-aggregation friendly.
+
+``options.order`` (``importance.py``, docs/design.md §4.2b): ``round`` re-orders the averaged
+adapter by importance after every aggregation (the full product unchanged, every prefix the
+best rank-r approximation of it); ``export`` keeps the averaged state and applies the order
+only to what evaluation and export take (``downlink`` without a client).
 See docs/design.md §4.2 and Chen et al., "RBLA: Rank-Based-LoRA-Aggregation" (arXiv 2408.08699, 2024).
 """
 
@@ -25,6 +30,7 @@ from prelort.aggregation.base import (
     check_updates,
     register,
 )
+from prelort.aggregation.importance import importance_order
 
 
 def segment_average(global_adapter: Adapter, updates: Sequence[ClientUpdate]) -> Adapter:
@@ -49,11 +55,30 @@ def segment_average(global_adapter: Adapter, updates: Sequence[ClientUpdate]) ->
     return out
 
 
+class SegmentWise(AggregationRule):
+    """Segment-wise averaging in ``options.order`` (shared by ``segment`` and ``prelort``)."""
+
+    def aggregate(self, global_adapter: Adapter, updates: Sequence[ClientUpdate]) -> AggregationResult:
+        return AggregationResult(self.finish_sums(segment_average(global_adapter, updates)))
+
+    def finish_sums(self, adapter: Adapter) -> Adapter:
+        """Importance order after the average when ``order = "round"``."""
+        if self.options.order != "round":
+            return adapter
+        return importance_order(adapter, self.options.split)
+
+    def downlink(
+        self, global_adapter: Adapter, rank: int, *, client_id: int | None = None, round_: int | None = None
+    ) -> Adapter:
+        """The rank-r prefix; without a client (evaluation, export) under ``order = "export"``
+        the prefix of the importance-ordered adapter."""
+        if client_id is None and self.options.order == "export":
+            global_adapter = importance_order(global_adapter, self.options.split)
+        return super().downlink(global_adapter, rank, client_id=client_id, round_=round_)
+
+
 @register("segment")
-class Segment(AggregationRule):
+class Segment(SegmentWise):
     """Segment-wise averaging with plain local training (the key ablation of PreLort)."""
 
     name = "segment"
-
-    def aggregate(self, global_adapter: Adapter, updates: Sequence[ClientUpdate]) -> AggregationResult:
-        return AggregationResult(segment_average(global_adapter, updates))

@@ -20,7 +20,7 @@ from prelort.federation.plan import RunPlan, generator_for
 from prelort.federation.privacy import clip_update
 from prelort.federation.workload import Workload
 from prelort.training.hetlora import make_regulariser, pruned_rank, tail_norm
-from prelort.training.local import TrainStats, train_local
+from prelort.training.local import Distiller, TrainStats, train_local
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,13 @@ def client_update(
     floor = h.min_rank if h.min_rank is not None else min(plan.levels)
     regulariser = make_regulariser(h.lam, h.gamma, min_rank=floor) if method.self_prune else None
     before = float(tail_norm(nested, rank, h.gamma, min_rank=floor).detach()) if method.self_prune else 0.0
+    distiller = workload if isinstance(workload, Distiller) else None  # train.distill: FjORD-style
+    if train_cfg.distill > 0 and distiller is None:
+        raise ValueError(
+            f"train.distill needs a workload with distill_loss; {type(workload).__name__} has none"
+        )
     stats = train_local(
-        nested, rank, plan.levels, batches, workload.loss, train_cfg, gen, regulariser, on_step
+        nested, rank, plan.levels, batches, workload.loss, train_cfg, gen, regulariser, on_step, distiller
     )
     new_rank = rank
     if method.self_prune:
@@ -127,10 +132,17 @@ def server_update(
 
 
 def server_update_from_sums(
-    state: ServerState, sums: RowSums, *, denominator: torch.Tensor | None = None
+    state: ServerState,
+    sums: RowSums,
+    *,
+    denominator: torch.Tensor | None = None,
+    rule: AggregationRule | None = None,
 ) -> ServerState:
     """One aggregation from summed delta-form messages (docs/design.md §4.9): row i becomes
     ``g[i] + S[i] / W[i]`` where W[i] > 0 (``denominator``: the public owner counts under
-    differential privacy), the old row elsewhere. The server never sees an individual update."""
+    differential privacy), the old row elsewhere, then the rule's ``finish_sums``
+    post-processing (the importance order). The server never sees an individual update."""
     adapter = apply_sums(state.adapter, sums, delta=True, denominator=denominator)
+    if rule is not None:
+        adapter = rule.finish_sums(adapter)
     return replace(state, round=state.round + 1, adapter=adapter)

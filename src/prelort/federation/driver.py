@@ -413,7 +413,7 @@ class RoundDriver:
                 denominator = counts
             else:  # data weights: the summed weights, on the rows someone owned
                 denominator = torch.where(counts > 0, sums.weight, torch.zeros_like(sums.weight))
-            state = server_update_from_sums(state, sums, denominator=denominator)
+            state = server_update_from_sums(state, sums, denominator=denominator, rule=self.rule)
         record: dict[str, Any] = {
             "round": t,
             "seconds": 0.0,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Family = Literal["rank-limited", "merged", "homogeneous"]
+Order = Literal["ownership", "round", "export"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class MethodSpec:
     """FedIT: every client at the smallest, the largest or a given level (``level``)."""
     level: int | None = None
     """The common rank of a ``fedit-rN`` oracle."""
+    order: Order = "ownership"
+    """Rank-dimension order of a segment-wise rule when ``aggregation.order = "auto"``."""
     summary: str = ""
 
 
@@ -67,6 +70,11 @@ METHODS: dict[str, MethodSpec] = {
             "rb-lora",
             "rb-lora",
             summary="RB-LoRA (Ha et al. 2026): rank-balanced weights, SVD projection",
+        ),
+        MethodSpec(
+            "raflora",
+            "raflora",
+            summary="raFLoRA (Wu et al. 2026): rank partitions averaged over their contributors, SVD",
         ),
         MethodSpec(
             "fedit", "fedit", family="homogeneous", homogeneous="min", summary="FedIT, every client at r_min"

@@ -18,7 +18,7 @@ import torch
 from prelort.adapters.state import Scaling
 from prelort.aggregation.base import AggregationRule, RuleOptions, get_rule
 from prelort.config import Config
-from prelort.federation.methods import MethodSpec, get_method
+from prelort.federation.methods import MethodSpec, Order, get_method
 from prelort.federation.privacy import PrivacyPlan, resolve_privacy
 from prelort.training.local import Factors, LocalTrainConfig
 
@@ -128,9 +128,21 @@ class RunPlan:
     def max_rank(self) -> int:
         return max(self.levels)
 
+    @property
+    def order(self) -> Order:
+        """The rank-dimension order of a segment-wise rule: ``aggregation.order``, or the
+        method's own when it is ``auto``."""
+        order = self.cfg.aggregation.order
+        return self.method.order if order == "auto" else order
+
     def make_rule(self) -> AggregationRule:
         """A fresh instance of the method's aggregation rule."""
-        return get_rule(self.method.rule, RuleOptions(scaling=self.scaling, seed=self.seed))
+        return get_rule(
+            self.method.rule,
+            RuleOptions(
+                scaling=self.scaling, seed=self.seed, order=self.order, split=self.cfg.aggregation.split
+            ),
+        )
 
     def sample(self, round_: int) -> list[int]:
         """The sorted client ids of round ``round_`` (``run.sampling``)."""
@@ -149,17 +161,31 @@ class RunPlan:
         """Optimiser steps of a client of ``rank`` (docs/design.md §3).
 
         ``train.budget = "passes"``: a nested ``all`` client makes |L_k| passes per step, so it
-        gets max(1, round(steps / |L_k|)) steps; every other client ``steps`` (one pass each).
+        gets max(1, round(steps / |L_k|)) steps; a nested ``sandwich`` client with more than one
+        level makes 2, so it gets max(1, round(steps / 2)); every other client ``steps`` (one
+        pass each, ``matryoshka`` included).
         """
         t = self.cfg.train
         if t.budget == "passes" and self.method.nested and t.nested_mode == "all":
             return max(1, round(t.steps / len(self.trained_levels(rank))))
+        sandwich = self.method.nested and t.nested_mode == "sandwich"
+        if t.budget == "passes" and sandwich and len(self.trained_levels(rank)) > 1:
+            return max(1, round(t.steps / 2))
         return t.steps
 
     def local_config(self, rank: int, round_: int) -> LocalTrainConfig:
-        """Local-training settings of a client of ``rank`` in round ``round_``."""
+        """Local-training settings of a client of ``rank`` in round ``round_``.
+
+        With ``train.own_weight_final`` the own weight of round t (1..run.rounds) is
+        ``w0 + (w1 - w0) (t - 1) / (rounds - 1)`` (w0 = ``own_weight``, w1 the final; rounds
+        outside 1..rounds are clamped, and one round gets w0).
+        """
         t = self.cfg.train
         own = t.own_weight
+        if t.own_weight_final is not None and own not in ("equal", "geometric"):
+            rounds = self.cfg.run.rounds
+            frac = min(max(round_ - 1, 0), rounds - 1) / (rounds - 1) if rounds > 1 else 0.0
+            own = float(own) + (t.own_weight_final - float(own)) * frac
         factors: Factors = "both"
         if t.factors == "b-only":
             factors = "B"
@@ -173,6 +199,7 @@ class RunPlan:
             own_weight=None if own == "equal" else ("geometric" if own == "geometric" else float(own)),
             max_grad_norm=t.max_grad_norm,
             factors=factors,
+            distill=t.distill if self.method.nested else 0.0,
         )
 
     def with_ranks(self, capacities: Sequence[int]) -> RunPlan:

@@ -1,4 +1,8 @@
-"""What the federation needs from a task: a base model, client data, a loss, an evaluation."""
+"""What the federation needs from a task: a base model, client data, a loss, an evaluation.
+
+Optional: self-distillation (``train.distill`` > 0) also needs ``outputs``, ``output_loss``
+and ``distill_loss`` (``DistillWorkload``; the synthetic and LLM workloads have them).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from prelort.training.local import Distiller
 
 
 class Workload(Protocol):
@@ -34,3 +40,9 @@ class Workload(Protocol):
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Metrics of ``model`` on the held-out test split (at least ``loss``)."""
         ...
+
+
+class DistillWorkload(Workload, Distiller, Protocol):
+    """A workload that supports ``train.distill``: ``outputs(model, batch)`` (one forward),
+    ``output_loss(outputs, batch)`` (= ``loss``) and ``distill_loss(student, teacher, batch)``
+    (D with the teacher detached; ``prelort.training.local.Distiller``)."""

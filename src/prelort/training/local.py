@@ -4,26 +4,37 @@ Client k with capacity r_k trains on levels L_k = {l in L : l <= r_k}:
 - ``plain``: loss at truncation r_k only;
 - ``all``: loss = sum_{l in L_k} c_l loss(model at l) / sum c_l, |L_k| passes per step;
 - ``sample``: each step draws one level l ~ c (the own rank r_k with weight ``own_weight``)
-  and trains that truncation only (DyLoRA-style, one pass per step).
+  and trains that truncation only (DyLoRA-style, one pass per step);
+- ``sandwich``: each step makes one pass at r_k and one at a lower level l drawn from c
+  restricted to levels < r_k (renormalised) and minimises
+  ``c_{r_k} loss(r_k) + (1 - c_{r_k}) loss(l)``, two passes per step. Its expectation over l
+  is the ``all`` objective sum_l c_l loss(l), but the own rank is trained every step;
+- ``matryoshka``: one pass per step of the model ``W x + s(r_k) B diag(w) A x`` with
+  ``w_i = sum_{l in L_k, l > i} c_l s(l) / s(r_k)`` (MatryoshkaLoRA, ``matryoshka_weights``).
+A client with one level trains ``sandwich`` and ``matryoshka`` exactly like ``plain``.
 Level weights: the own rank gets ``own_weight``, the lower levels share ``1 - own_weight``
 equally (``own_weight = None`` gives equal weights, ``"geometric"`` c_{l_j} proportional to
-2^j). Every optimiser step is masked to the largest truncation that produced the gradient
-(``MaskedAdamW``). ``factors`` restricts training to B (A frozen, FFA-LoRA) or to A.
-A pass is one forward + backward; ``TrainStats`` counts passes and examples.
+2^j). ``distill`` = lambda > 0 (``sandwich`` and ``all`` only, with a ``Distiller``): the
+loss at a lower level l < r_k becomes ``(1 - lambda) loss(l) + lambda D(out(l), out(r_k))``
+with the teacher ``out(r_k)`` the detached output of the same step's own-rank pass (FjORD's
+self-distillation; no extra pass). Every optimiser step is masked to the largest truncation
+that produced the gradient (``MaskedAdamW``). ``factors`` restricts training to B (A frozen,
+FFA-LoRA) or to A. A pass is one forward + backward; ``TrainStats`` counts passes and examples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
 from prelort.adapters.nested import NestedLoRA
 from prelort.training.optim import MaskedAdamW
 
-TrainMode = Literal["plain", "all", "sample"]
+TrainMode = Literal["plain", "all", "sample", "sandwich", "matryoshka"]
 Factors = Literal["both", "A", "B"]
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 Regulariser = Callable[[NestedLoRA, int], torch.Tensor]
@@ -43,6 +54,26 @@ class LocalTrainConfig:
     max_grad_norm: float | None = None
     factors: Factors = "both"
     """Which factors are trained: both, only A (B frozen) or only B (A frozen)."""
+    distill: float = 0.0
+    """lambda of the self-distillation at lower levels (``sandwich`` and ``all``; 0: off)."""
+
+
+@runtime_checkable
+class Distiller(Protocol):
+    """What self-distillation (``distill`` > 0) needs from a workload: the outputs of one
+    forward, the task loss from them, and the divergence of a student's from a teacher's."""
+
+    def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The model's outputs on ``batch`` (one forward): what the loss is computed from."""
+        ...
+
+    def output_loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        """The task loss from ``outputs``; equals ``loss(model, batch)``."""
+        ...
+
+    def distill_loss(self, student: torch.Tensor, teacher: torch.Tensor, batch: Any) -> torch.Tensor:
+        """D(student, teacher) with the teacher detached (no gradient through it)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -81,6 +112,45 @@ def level_distribution(
     return {lv: (own_weight if lv == rank else rest) for lv in lk}
 
 
+def lower_level_distribution(dist: Mapping[int, float], rank: int) -> dict[int, float]:
+    """``sandwich``'s draw of the lower level: c_l / sum_{l' < r_k} c_{l'} for l < r_k
+    (uniform when the lower levels have no weight); empty when r_k is the only level."""
+    lower = {lv: c for lv, c in dist.items() if lv < rank}
+    total = sum(lower.values())
+    if not lower:
+        return {}
+    if total <= 0:
+        return {lv: 1.0 / len(lower) for lv in lower}
+    return {lv: c / total for lv, c in lower.items()}
+
+
+def matryoshka_weights(dist: Mapping[int, float], scale: Callable[[int], float] | None = None) -> list[float]:
+    """MatryoshkaLoRA's diagonal P for levels with weights c (Modoranu, Safaryan & Alistarh,
+    arXiv 2605.07850, §2 and Algorithm 1; authors' code ``adapters/matryoshka.py``).
+
+    Returns w of length r_k = max(dist), ``w_i = sum_{l in dist, l > i} c_l s(l) / s(r_k)``
+    (i = 0..r_k-1; ``scale`` = s, constant when None). The one-pass model
+    ``W0 + s(r_k) B diag(w) A = W0 + sum_l c_l s(l) B[:, :l] A[:l]`` is the c-weighted sum of
+    the truncated adapters, so its gradient is sum_l c_l s(l) (grad of the truncated models)
+    evaluated at one point: the ``all`` gradient to first order, in one pass.
+
+    What was read: the paper's abstract and table of contents (its body could not be read
+    here) and the authors' released code, whose Algorithm 1 builds P_i = sum over training
+    ranks r > i of s(r). Deviation: the authors weight every training rank by 1 (an
+    unnormalised sum; their explicit-mask variant divides by the number of ranks); here each
+    level l has the client's normalised weight c_l (``own_weight``), so with equal weights w
+    is their explicit-mask (mean) variant, and under fixed scaling w_i = 1 on the dimensions
+    every level shares.
+    """
+    top = max(dist)
+    s_top = scale(top) if scale is not None else 1.0
+
+    def rel(lv: int) -> float:
+        return scale(lv) / s_top if scale is not None else 1.0
+
+    return [sum(c * rel(lv) for lv, c in dist.items() if lv > i) for i in range(top)]
+
+
 def train_local(
     nested: NestedLoRA,
     rank: int,
@@ -91,10 +161,13 @@ def train_local(
     generator: torch.Generator,
     regulariser: Regulariser | None = None,
     on_step: Callable[[], None] | None = None,
+    distiller: Distiller | None = None,
 ) -> TrainStats:
     """Train ``nested`` (already holding the client's prefix) for ``config.steps`` steps.
 
-    ``on_step`` is called after every optimiser step (progress display).
+    ``on_step`` is called after every optimiser step (progress display). ``distiller``
+    computes the losses when ``config.distill`` > 0 in ``sandwich`` or ``all`` mode (required
+    then). Losses in ``TrainStats`` are task losses (no distillation term).
     """
     trained_dims = {"both": (0, 1), "A": (0,), "B": (1,)}[config.factors]
     params = [(p, d) for p, d in nested.parameters_with_rank_dim() if d in trained_dims]
@@ -103,9 +176,22 @@ def train_local(
     opt = MaskedAdamW(
         params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
     )
-    dist = level_distribution(rank, levels, config.own_weight) if config.mode != "plain" else {rank: 1.0}
+    mode = config.mode
+    dist = level_distribution(rank, levels, config.own_weight) if mode != "plain" else {rank: 1.0}
+    if mode in ("sandwich", "matryoshka") and len(dist) == 1:
+        mode = "plain"  # one level: exactly plain LoRA
     lv_list = list(dist)
     probs = torch.tensor([dist[lv] for lv in lv_list], dtype=torch.float64)
+    lower = lower_level_distribution(dist, rank)
+    lower_list = list(lower)
+    lower_probs = torch.tensor([lower[lv] for lv in lower_list], dtype=torch.float64)
+    lam = config.distill
+    use_distill = lam > 0 and mode in ("sandwich", "all") and bool(lower)
+    if use_distill and distiller is None:
+        raise ValueError("distill > 0 needs a distiller (the workload's outputs and distill_loss)")
+    if mode == "matryoshka":
+        nested.set_rank(rank)
+        nested.set_dim_weights(matryoshka_weights(dist, nested.scaling))
     sums: dict[int, float] = {}
     counts: dict[int, int] = {}
     total = 0.0
@@ -115,17 +201,39 @@ def train_local(
         for _ in range(config.steps):
             batch = next(batches)
             examples += batch_size(batch)
-            if config.mode == "sample":
+            if mode == "sample":
                 pick = int(torch.multinomial(probs, 1, generator=generator).item())
                 plan = [(lv_list[pick], 1.0)]
+            elif mode == "sandwich":
+                pick = int(torch.multinomial(lower_probs, 1, generator=generator).item())
+                own = dist[rank]
+                plan = [(rank, own), (lower_list[pick], 1.0 - own)]
+            elif mode in ("plain", "matryoshka"):
+                plan = [(rank, 1.0)]
+            elif use_distill:  # all, own rank first: its output is the teacher
+                plan = [(rank, dist[rank])] + [(lv, c) for lv, c in dist.items() if lv != rank]
             else:
                 plan = list(dist.items())
             opt.zero_grad()
             step_loss = 0.0
+            teacher: torch.Tensor | None = None
             for lv, weight in plan:
-                nested.set_rank(lv)
-                loss = loss_fn(nested.model, batch)
-                obj = loss * weight
+                if mode != "matryoshka":
+                    nested.set_rank(lv)
+                if use_distill:
+                    assert distiller is not None
+                    out = distiller.outputs(nested.model, batch)
+                    loss = distiller.output_loss(out, batch)
+                    if lv == rank:
+                        teacher = out.detach()
+                        obj = loss * weight
+                    else:
+                        assert teacher is not None
+                        kd = distiller.distill_loss(out, teacher, batch)
+                        obj = ((1.0 - lam) * loss + lam * kd) * weight
+                else:
+                    loss = loss_fn(nested.model, batch)
+                    obj = loss * weight
                 if regulariser is not None and lv == rank:
                     obj = obj + regulariser(nested, rank)
                 obj.backward()  # type: ignore[no-untyped-call]
@@ -141,6 +249,8 @@ def train_local(
             if on_step is not None:
                 on_step()
     finally:
+        if mode == "matryoshka":
+            nested.set_dim_weights(None)
         nested.set_rank(rank)
         nested.model.eval()
         for p, _ in params:

@@ -21,7 +21,7 @@ from prelort.config import Config, LLMSection
 from prelort.data import Example, collate, encode_example, load_source, partition_indices, train_test_split
 from prelort.errors import ConfigError
 from prelort.evaluation import LMEvaluator
-from prelort.training.lm_loss import answer_loss
+from prelort.training.lm_loss import answer_kl, answer_logits, answer_loss, answer_targets, logits_nll
 
 
 def _path(s: LLMSection) -> str:
@@ -130,6 +130,19 @@ class LLMWorkload:
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return answer_loss(model, batch)
+
+    def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Float logits (B, K, V) on the union of the batch's answer positions (one forward)."""
+        return answer_logits(model, batch)[0]
+
+    def output_loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Mean next-token NLL of the labelled tokens from ``outputs`` (= ``loss``)."""
+        return logits_nll(outputs, answer_targets(batch, outputs.device))
+
+    def distill_loss(self, student: torch.Tensor, teacher: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Self-distillation: mean KL(teacher || student) of the next-token distributions over
+        the labelled (answer) tokens, teacher detached (``answer_kl``)."""
+        return answer_kl(student, teacher, answer_targets(batch, student.device))
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return self.evaluator(model)

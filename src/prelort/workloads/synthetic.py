@@ -107,6 +107,19 @@ class SyntheticWorkload:
         x, y = batch
         return torch.mean((model(x) - y) ** 2)
 
+    def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The predictions on the batch's inputs (one forward)."""
+        out: torch.Tensor = model(batch[0])
+        return out
+
+    def output_loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        """MSE of ``outputs`` against the batch's targets (= ``loss``)."""
+        return torch.mean((outputs - batch[1]) ** 2)
+
+    def distill_loss(self, student: torch.Tensor, teacher: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Self-distillation: mean squared error mean((student - teacher)^2), teacher detached."""
+        return torch.mean((student - teacher.detach()) ** 2)
+
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         with torch.no_grad():
             mse = float(((model(self.test_x) - self.test_y) ** 2).mean())
