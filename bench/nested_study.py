@@ -89,7 +89,13 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 SCALINGS = ["fixed", "per_rank", "rslora"]
-COMMON = ['train.budget="passes"', 'run.sampling="stratified"', "run.eval_every=1000"]
+# aggregation.order pinned to what the study ran with (before issue #18 changed prelort's default)
+COMMON = [
+    'train.budget="passes"',
+    'run.sampling="stratified"',
+    "run.eval_every=1000",
+    'aggregation.order="ownership"',
+]
 
 
 def run_one(setting: str, variant: str, scaling: str, seed: int) -> dict[str, Any]:

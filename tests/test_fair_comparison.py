@@ -135,6 +135,7 @@ def _states(factors: str, rounds: int) -> list:
     from prelort.workloads import build_workload
 
     sets = [*TINY, 'run.method="prelort"', f'train.factors="{factors}"', f"run.rounds={rounds}"]
+    sets.append('aggregation.order="ownership"')  # a frozen A is what the importance order rotates
     cfg = load_config("configs/synthetic.toml", sets)
     states: list = []
     driver = make_driver(cfg, build_workload(cfg), on_state=lambda s, _r: states.append(s))

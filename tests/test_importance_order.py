@@ -149,3 +149,34 @@ def test_order_is_refused_for_rules_without_it() -> None:
         load_config(None, ['run.method="flexlora"', 'aggregation.order="round"'])
     cfg = load_config(None, ['run.method="segment"', 'aggregation.order="round"'])
     assert cfg.aggregation.order == "round"
+
+
+def test_prelort_defaults_and_the_literal_reading() -> None:
+    from prelort.config import load_config
+    from prelort.federation.plan import build_plan
+
+    new = build_plan(load_config(None, ['run.method="prelort"', "train.own_weight=0.5"]))
+    assert new.order == "round" and new.make_rule().options.order == "round"
+    assert new.local_config(8, 1).mode == "sample" and new.local_config(8, 1).own_weight == 0.5
+    lit = build_plan(
+        load_config(None, ['run.method="prelort-literal"', "train.own_weight=0.5", 'train.nested_mode="all"'])
+    )
+    assert lit.order == "ownership" and lit.make_rule().options.order == "ownership"
+    cfg = lit.local_config(8, 3)
+    assert (cfg.mode, cfg.own_weight, cfg.distill) == ("sample", 0.7, 0.0)
+    assert lit.local_steps(8) == lit.cfg.train.steps
+    assert build_plan(load_config(None, ['run.method="segment"'])).order == "ownership"
+
+
+def test_reuse_ignores_only_the_keys_a_method_never_reads() -> None:
+    from prelort.config import config_to_dict, load_config, same_config
+    from prelort.federation.methods import unused_keys
+
+    for method, reusable in (("flexlora", True), ("segment", True), ("prelort", False)):
+        stored = config_to_dict(load_config(None, [f'run.method="{method}"', "train.own_weight=0.7"]))
+        now = config_to_dict(load_config(None, [f'run.method="{method}"', "train.own_weight=0.9"]))
+        assert same_config(stored, now, unused_keys(method)) is reusable
+        assert not same_config(stored, now)  # without the method's unused keys: a mismatch
+    stored = config_to_dict(load_config(None, ['run.method="flexlora"', "train.lr=0.01"]))
+    now = config_to_dict(load_config(None, ['run.method="flexlora"', "train.lr=0.02"]))
+    assert not same_config(stored, now, unused_keys("flexlora"))

@@ -449,7 +449,9 @@ def test_own_weight_schedule_is_linear_over_the_rounds() -> None:
     assert plan.local_config(8, 2).own_weight == pytest.approx(0.6)
     const = build_plan(config_from_dict({"run": {"rounds": 5}, "train": {"own_weight": 0.7}}))
     assert {const.local_config(8, t).own_weight for t in (1, 3, 5)} == {0.7}
-    one = build_plan(config_from_dict({"run": {"rounds": 1}, "train": {"own_weight_final": 0.2}}))
+    one = build_plan(
+        config_from_dict({"run": {"rounds": 1}, "train": {"own_weight": 0.7, "own_weight_final": 0.2}})
+    )
     assert one.local_config(8, 1).own_weight == pytest.approx(0.7)
 
 

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from prelort.federation.plan import build_plan
+
 pytest.importorskip("flwr")
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -39,6 +41,9 @@ from prelort.workloads import build_workload
 RANKS = [2, 4, 8, 8]
 # the Flower tests' acceptance federation with a fourth client, all sampled, under SecAgg+
 SMALL = [*SMALL_SET, "run.clients_per_round=4", "run.method='prelort'", "privacy.secure_aggregation=true"]
+# factor-level bounds: ownership order (the importance order's SVD can turn the quantization
+# error into a rotation inside a near-degenerate singular subspace; its own test checks products)
+SMALL.append("aggregation.order='ownership'")
 
 
 def _cfg(extra: list[str] = ()) -> Config:  # type: ignore[assignment]
@@ -135,6 +140,29 @@ def _in_process(
 
 def _max_diff(a: Any, b: Any) -> float:
     return max(max(float((a[n].A - b[n].A).abs().max()), float((a[n].B - b[n].B).abs().max())) for n in a)
+
+
+def test_secagg_with_importance_order_gives_the_plain_products(
+    tmp_path: Path, task_identity: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PreLort's default (importance order every round) under SecAgg+: the server re-orders the
+    unmasked sums, so the full product equals the in-process one up to the quantization error
+    and every prefix is the best rank-r approximation of it (SVD computed here)."""
+    cfg = _cfg(["run.rounds=1", "aggregation.order='auto'"])  # PreLort's default: round
+    assert cfg.run.method == "prelort" and build_plan(cfg).order == "round"
+    _run(tmp_path, cfg, SecAggGrid(RANKS), monkeypatch)
+    _, states = _in_process(cfg)
+    adapter, _ = load_global(tmp_path)
+    ref = states[-1].adapter
+    for name in ref:
+        got = adapter[name].B.double() @ adapter[name].A.double()
+        want = ref[name].B.double() @ ref[name].A.double()
+        assert float(torch.linalg.norm(got - want)) < 1e-2 * float(torch.linalg.norm(want))
+        U, S, Vh = torch.linalg.svd(got, full_matrices=False)
+        for r in (2, 4):
+            prefix = adapter[name].B[:, :r].double() @ adapter[name].A[:r].double()
+            best = U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+            torch.testing.assert_close(prefix, best, rtol=1e-4, atol=1e-6)
 
 
 def _run(tmp_path: Path, cfg: Config, grid: SecAggGrid, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:

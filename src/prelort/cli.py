@@ -239,7 +239,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from prelort.config import config_to_dict, load_config, same_config
-    from prelort.federation.methods import METHODS, oracle_level
+    from prelort.federation.methods import METHODS, oracle_level, unused_keys
     from prelort.lock import run_lock
 
     methods = _parse_list(args.methods, "methods")
@@ -272,7 +272,7 @@ def _compare(args: argparse.Namespace) -> int:
                 continue
             if existing.is_file():  # finished earlier: reuse, nothing computed is lost
                 done = json.loads(existing.read_text(encoding="utf-8"))
-                if not same_config(done.get("config"), config_to_dict(cfg)):
+                if not same_config(done.get("config"), config_to_dict(cfg), unused_keys(cfg.run.method)):
                     raise UserError(
                         f"{existing} was run with another configuration; move it away or choose another --out"
                     )

@@ -79,11 +79,13 @@ class TrainSection:
     batch_size: int = 32
     nested_mode: Literal["all", "sample", "sandwich", "matryoshka"] = "sample"
     """``sample`` (one level per step, one pass) won over ``all`` at matched passes in the
-    nested-objective study (bench/results/nested_study); ``own_weight`` 0.7 likewise.
+    nested-objective study (bench/results/nested_study), and over ``sandwich`` and
+    ``matryoshka`` in the pre-registered method study (bench/results/method_study), which
+    chose ``own_weight`` 0.9.
     ``sandwich``: every step one pass at the own rank and one at a lower level drawn from c
     (two passes); ``matryoshka``: one pass with rank dimension i weighted by
     sum_{l > i} c_l (MatryoshkaLoRA); docs/design.md §2."""
-    own_weight: float | Literal["equal", "geometric"] = 0.7
+    own_weight: float | Literal["equal", "geometric"] = 0.9
     """Share of the client's own rank among its nested levels; "equal" weights; or
     "geometric": c_l proportional to 2^j for the j-th level (each level twice the one below)."""
     own_weight_final: float | None = None
@@ -409,6 +411,13 @@ class Config:
                 f"({', '.join(ORDER_RULES)}); run.method = {run.method!r} is not one (omit it)"
             )
 
+        order = spec.order if self.aggregation.order == "auto" else self.aggregation.order
+        if self.train.factors == "b-only" and order == "round" and spec.rule in ORDER_RULES:
+            raise ConfigError(
+                'train.factors = "b-only" keeps A frozen, which aggregation.order = "round" rotates '
+                f'(run.method = {run.method!r}); set aggregation.order = "ownership" or "export"'
+            )
+
         h = self.hetlora
         _real("hetlora.gamma", h.gamma, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
         _real("hetlora.lam", h.lam, lo=0.0)
@@ -669,11 +678,13 @@ def dump_toml(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def same_config(stored: Any, current: dict[str, Any]) -> bool:
+def same_config(stored: Any, current: dict[str, Any], unused: typing.AbstractSet[str] = frozenset()) -> bool:
     """Whether a finished run's stored config is ``current``: every key it stored is equal.
 
     Keys added to the config after the run was made are not in ``stored`` and are taken to
-    have had their default, so finished results stay reusable across versions.
+    have had their default, so finished results stay reusable across versions. Keys in
+    ``unused`` (``section.key``, the keys the run's method never reads:
+    ``federation.methods.unused_keys``) may differ.
     """
     if not isinstance(stored, dict):
         return False
@@ -681,6 +692,9 @@ def same_config(stored: Any, current: dict[str, Any]) -> bool:
         now = current.get(section)
         if not isinstance(values, dict) or not isinstance(now, dict):
             return False
-        if any(key not in now or now[key] != value for key, value in values.items()):
-            return False
+        for key, value in values.items():
+            if f"{section}.{key}" in unused:
+                continue
+            if key not in now or now[key] != value:
+                return False
     return True

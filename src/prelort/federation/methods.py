@@ -38,6 +38,9 @@ class MethodSpec:
     """The common rank of a ``fedit-rN`` oracle."""
     order: Order = "ownership"
     """Rank-dimension order of a segment-wise rule when ``aggregation.order = "auto"``."""
+    pinned_nesting: tuple[Literal["sample"], float] | None = None
+    """(nested mode, own weight) this method always trains with, whatever ``[train]`` says
+    (``prelort-literal``: the landed reading of issue #11, kept for comparison)."""
     summary: str = ""
 
 
@@ -48,7 +51,16 @@ METHODS: dict[str, MethodSpec] = {
             "prelort",
             "prelort",
             nested=True,
-            summary="segment-wise aggregation + prefix-nested training",
+            order="round",
+            summary="segment-wise aggregation in importance order + prefix-nested training",
+        ),
+        MethodSpec(
+            "prelort-literal",
+            "prelort",
+            nested=True,
+            order="ownership",
+            pinned_nesting=("sample", 0.7),
+            summary="the literal reading: segment-wise factor averaging + sample nesting, own weight 0.7",
         ),
         MethodSpec("segment", "segment", summary="segment-wise aggregation, plain local training"),
         MethodSpec("hetlora", "hetlora", self_prune=True, summary="HetLoRA (Cho et al. 2024)"),
@@ -96,6 +108,27 @@ def oracle_level(name: str) -> int | None:
     """N for the rank-N oracle ``fedit-rN`` (every client at rank N, all data), else None."""
     match = _ORACLE.fullmatch(name)
     return int(match.group(1)) if match else None
+
+
+NESTING_KEYS = frozenset({"train.nested_mode", "train.own_weight", "train.own_weight_final", "train.distill"})
+ORDER_KEYS = frozenset({"aggregation.order", "aggregation.split"})
+HETLORA_KEYS = frozenset({"hetlora.gamma", "hetlora.lam", "hetlora.min_rank"})
+
+
+def unused_keys(name: str) -> frozenset[str]:
+    """Config keys (``section.key``) that method ``name`` never reads: the nesting keys for a
+    method without (or with pinned) nesting, the order keys for a rule without an order,
+    HetLoRA's keys for every other method. ``prelort compare`` may reuse a finished run whose
+    stored config differs from the current one only there (``config.same_config``)."""
+    spec = get_method(name)
+    out: set[str] = set()
+    if not spec.nested or spec.pinned_nesting is not None:
+        out |= NESTING_KEYS
+    if spec.rule not in ("segment", "prelort"):
+        out |= ORDER_KEYS
+    if not spec.self_prune:
+        out |= HETLORA_KEYS
+    return frozenset(out)
 
 
 def get_method(name: str) -> MethodSpec:

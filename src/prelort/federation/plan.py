@@ -166,6 +166,8 @@ class RunPlan:
         pass each, ``matryoshka`` included).
         """
         t = self.cfg.train
+        if self.method.pinned_nesting is not None:  # one pass per step (``sample``)
+            return t.steps
         if t.budget == "passes" and self.method.nested and t.nested_mode == "all":
             return max(1, round(t.steps / len(self.trained_levels(rank))))
         sandwich = self.method.nested and t.nested_mode == "sandwich"
@@ -182,6 +184,16 @@ class RunPlan:
         """
         t = self.cfg.train
         own = t.own_weight
+        pinned = self.method.pinned_nesting
+        if pinned is not None:  # the method fixes its nesting: no schedule, no distillation
+            return LocalTrainConfig(
+                steps=t.steps,
+                lr=t.lr,
+                weight_decay=t.weight_decay,
+                mode=pinned[0],
+                own_weight=pinned[1],
+                max_grad_norm=t.max_grad_norm,
+            )
         if t.own_weight_final is not None and own not in ("equal", "geometric"):
             rounds = self.cfg.run.rounds
             frac = min(max(round_ - 1, 0), rounds - 1) / (rounds - 1) if rounds > 1 else 0.0
