@@ -39,14 +39,14 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 bench-synthetic: $(STAMP)
-	$(VENV)/bin/prelort compare --config configs/synthetic.toml --methods prelort,segment,hetlora,flexlora,flora,fed-plora,florist,rb-lora,raflora,fedit-r2,fedit-r4,fedit-r8,fedit-r16 --seeds 0,1,2,3,4 --out bench/results/synthetic
+	$(VENV)/bin/prelort compare --config configs/synthetic.toml --methods prelort,prelort-literal,segment,hetlora,flexlora,flora,fed-plora,florist,rb-lora,raflora,fedit-r2,fedit-r4,fedit-r8,fedit-r16 --seeds 0,1,2,3,4 --out bench/results/synthetic
 	$(PY) bench/nested_study.py
 
 # SmolLM2 comparisons (issue #11): matched passes, stratified sampling, per-level oracles,
 # then the BBC arm of the nested-objective study;
 # Natural Instructions needs PRELORT_DATA_DIR (the folder holding natural_instructions/).
 # Runs resume and finished runs are reused.
-LLM_METHODS := prelort,segment,flexlora,rb-lora,raflora,fed-plora,florist,hetlora,flora,fedit-r2,fedit-r8
+LLM_METHODS := prelort,prelort-literal,segment,flexlora,rb-lora,raflora,fed-plora,florist,hetlora,flora,fedit-r2,fedit-r8
 bench-llm: $(STAMP)
 	$(VENV)/bin/prelort compare --config configs/bench-bbc.toml --methods $(LLM_METHODS) --seeds 0,1,2 --out bench/results/smollm2-bbc
 	$(VENV)/bin/prelort compare --config configs/bench-ni.toml --methods $(LLM_METHODS) --seeds 0,1,2 --out bench/results/smollm2-ni
