@@ -180,3 +180,17 @@ def test_reuse_ignores_only_the_keys_a_method_never_reads() -> None:
     stored = config_to_dict(load_config(None, ['run.method="flexlora"', "train.lr=0.01"]))
     now = config_to_dict(load_config(None, ['run.method="flexlora"', "train.lr=0.02"]))
     assert not same_config(stored, now, unused_keys("flexlora"))
+
+
+def test_results_record_the_resolved_order() -> None:
+    from prelort.config import load_config
+    from prelort.federation.simulator import run_simulation
+    from prelort.workloads import build_workload
+
+    sets = ["run.rounds=1", "run.eval_every=1", "synthetic.test_examples=64"]
+    for method, order in (("prelort", "round"), ("segment", "ownership"), ("prelort-literal", "ownership")):
+        cfg = load_config("configs/synthetic.toml", [*sets, f'run.method="{method}"'])
+        res = run_simulation(cfg, build_workload(cfg))
+        assert res["resolved"]["aggregation.order"] == order
+    cfg = load_config("configs/synthetic.toml", [*sets, 'run.method="flexlora"'])
+    assert "resolved" not in run_simulation(cfg, build_workload(cfg))

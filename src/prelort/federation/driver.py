@@ -497,6 +497,8 @@ def results_dict(
     }
     if method.level is not None:
         out["oracle_level"] = method.level
+    if method.rule in ("segment", "prelort"):  # ``aggregation.order = "auto"`` resolved
+        out["resolved"] = {"aggregation.order": plan.order, "aggregation.split": cfg.aggregation.split}
     if plan.privacy is not None:
         out["privacy"] = privacy_report(plan.privacy, state.round)
     return out
