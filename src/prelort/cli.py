@@ -1,4 +1,4 @@
-"""Command line: ``prelort run | compare``.
+"""Command line: ``prelort run | compare | export | eval | config | methods``.
 
 Bad input exits with status 2 and one line on stderr (docs/design.md §8); results already
 written stay on disk.
@@ -18,7 +18,10 @@ from prelort.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
+    from prelort import __version__
+
     p = argparse.ArgumentParser(prog="prelort", description=__doc__)
+    p.add_argument("--version", action="version", version=f"prelort {__version__}", help="print the version")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one federated training and write DIR/results.json")
@@ -31,29 +34,52 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar or table")
 
     cmp_ = sub.add_parser("compare", help="run several methods and seeds; write summary.{json,md} and plots")
-    cmp_.add_argument("--config", required=True)
-    cmp_.add_argument("--methods", default="prelort,segment,hetlora,flexlora,flora,fedit")
-    cmp_.add_argument("--seeds", default="0,1,2")
-    cmp_.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    cmp_.add_argument("--out", required=True)
-    cmp_.add_argument("--quiet", action="store_true")
+    cmp_.add_argument("--config", required=True, help="TOML config file shared by every run")
+    cmp_.add_argument(
+        "--methods",
+        default="prelort,segment,hetlora,flexlora,flora,fedit",
+        help="comma-separated methods (`prelort methods` lists them; fedit-rN: FedIT at rank N)",
+    )
+    cmp_.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds (default: 0,1,2)")
+    cmp_.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key in every run"
+    )
+    cmp_.add_argument("--out", required=True, help="output folder: runs/METHOD-seedS/, summary.{json,md}")
+    cmp_.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     cmp_.add_argument(
         "--report-only",
         action="store_true",
         help="run nothing: summarise the finished runs in OUT (a comparison still in progress)",
     )
 
-    exp = sub.add_parser("export", help="write a rank-r PEFT adapter from a finished run")
+    exp = sub.add_parser("export", help="write a rank-r PEFT adapter (or one for every level) from a run")
     exp.add_argument("--run", required=True, help="the --out folder of `prelort run`")
-    exp.add_argument("--rank", required=True, type=int)
+    which = exp.add_mutually_exclusive_group(required=True)
+    which.add_argument("--rank", type=int, help="the rank r of the adapter to write")
+    which.add_argument(
+        "--all-levels",
+        action="store_true",
+        help="write the rank-R adapter, one subfolder r{l} per level and a model card README.md",
+    )
     exp.add_argument("--out", required=True, help="adapter folder to write")
 
     ev = sub.add_parser("eval", help="evaluate a run's global adapter (or an exported adapter)")
     ev.add_argument("--run", required=True, help="the --out folder of `prelort run` (its config is used)")
     ev.add_argument("--ranks", default="", help="comma-separated ranks (default: every level)")
     ev.add_argument("--adapter", default="", help="a PEFT adapter folder to evaluate instead")
-    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the run's config"
+    )
     ev.add_argument("--out", default="", help="also write the metrics to this JSON file")
+
+    conf = sub.add_parser("config", help="print the resolved config as TOML (--keys: every key and default)")
+    conf.add_argument("--config", help="TOML config file (default: the built-in defaults)")
+    conf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    conf.add_argument(
+        "--keys", action="store_true", help="list every key with its type, default and meaning instead"
+    )
+
+    sub.add_parser("methods", help="list the methods `run.method` takes, with their family and summary")
     return p
 
 
@@ -89,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_export(args)
         if args.command == "eval":
             return _cmd_eval(args)
+        if args.command == "config":
+            return _cmd_config(args)
+        if args.command == "methods":
+            return _cmd_methods()
     except (_UsageError, UserError) as exc:
         return _fail(str(exc))
     except OSError as exc:
@@ -313,19 +343,20 @@ def _run_artifacts(run_dir: str) -> tuple[Any, Any, Any]:
 
 
 def _base_model_path(cfg: Any) -> str | None:
+    """``base_model_name_or_path`` of an export: the hub id of a built-in alias, else ``llm.model``."""
     if cfg.workload.kind != "llm":
         return None
-    from prelort.models import BUILTIN_MODELS, ensure_cached
+    from prelort.adapters.export import base_model_id
 
-    if cfg.llm.model in BUILTIN_MODELS:
-        return str(ensure_cached(cfg.llm.model, cfg.llm.cache_dir or None))
-    return str(cfg.llm.model)
+    return base_model_id(str(cfg.llm.model))
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from prelort.adapters import export_peft_adapter
     from prelort.federation.plan import build_plan
 
+    if args.all_levels:
+        return _export_all_levels(args)
     cfg, adapter, delta = _run_artifacts(args.run)
     if delta is not None:
         raise UserError(
@@ -346,9 +377,86 @@ def _cmd_export(args: argparse.Namespace) -> int:
         )
     rank_r = rule.downlink(adapter, args.rank)
     out = export_peft_adapter(
-        rank_r, plan.scaling(args.rank), args.out, base_model_name_or_path=_base_model_path(cfg)
+        rank_r,
+        plan.scaling(args.rank),
+        args.out,
+        base_model_name_or_path=_base_model_path(cfg),
+        target_modules=cfg.lora.target_modules or None,
     )
     print(f"wrote PEFT adapter (rank {args.rank}) to {out}")
+    return 0
+
+
+def _export_all_levels(args: argparse.Namespace) -> int:
+    """``export --all-levels``: the rank-R adapter in OUT, one PEFT adapter per level in OUT/r{l},
+    and a model card OUT/README.md with the run's final per-rank metrics."""
+    from prelort.adapters.levels import export_all_levels, model_card, read_record
+    from prelort.federation.methods import get_method
+    from prelort.federation.plan import build_plan
+    from prelort.reporting.files import atomic_write_text
+
+    out = Path(args.out)
+    _check_out_dir(out, "--out")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {out}: the folder is not empty; choose a new or an empty folder")
+    cfg, adapter, delta = _run_artifacts(args.run)
+    if delta is not None:
+        raise UserError(
+            f"{args.run}: a {cfg.run.method} run merges its updates into the base weights "
+            "(base_delta.safetensors), which a LoRA adapter cannot carry; use `prelort eval --run` instead"
+        )
+    plan = build_plan(cfg)
+    rule = plan.make_rule()
+    levels = sorted(cfg.clients.levels)
+    R = cfg.max_rank
+    folded = [lv for lv in levels if rule.fold(adapter, lv) is not None]
+    if folded:
+        raise UserError(
+            f"--all-levels: a rank-{folded[0]} client of a {cfg.run.method} run holds the full model, "
+            "part of it folded into the base weights, which a LoRA adapter cannot carry; "
+            f"export --rank {R} (the whole model) or use `prelort eval --run`"
+        )
+    per_level = {lv: (rule.downlink(adapter, lv), plan.scaling(lv)) for lv in levels}
+    base = _base_model_path(cfg)
+    method = get_method(cfg.run.method)
+    try:
+        export_all_levels(
+            rule.downlink(adapter, R),
+            per_level,
+            plan.scaling,
+            out,
+            base_model_name_or_path=base,
+            target_modules=cfg.lora.target_modules or None,
+            info={"method": cfg.run.method, "base_model": base},
+        )
+    except ValueError as exc:
+        raise UserError(f"--all-levels: {exc}; export one rank at a time with --rank") from None
+    try:
+        results = json.loads((Path(args.run) / "results.json").read_text(encoding="utf-8"))
+        per_rank = results["final"]["per_rank"]
+    except (OSError, ValueError, KeyError, TypeError):
+        per_rank = None
+    notes = []
+    if cfg.workload.kind == "llm":
+        from prelort.models import BUILTIN_MODELS
+
+        if cfg.llm.model in BUILTIN_MODELS:
+            notes.append(
+                f"The run used the built-in alias `{cfg.llm.model}` "
+                f"({BUILTIN_MODELS[cfg.llm.model].description}), dequantised from GGUF: "
+                "the metrics below are for those weights"
+            )
+    card = model_card(
+        method=cfg.run.method,
+        summary=method.summary,
+        levels=levels,
+        scaling=read_record(out)["scaling"],
+        base_model=base,
+        per_rank=per_rank,
+        notes=[f"Method family: {method.family}", f"Rounds: {cfg.run.rounds}, seed {cfg.run.seed}", *notes],
+    )
+    atomic_write_text(out / "README.md", card)
+    print(f"wrote the rank-{R} PEFT adapter, {', '.join(f'r{lv}/' for lv in levels)} and README.md to {out}")
     return 0
 
 
@@ -392,6 +500,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(json.dumps(metrics, indent=2))
     if args.out:
         write_json(args.out, metrics)
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    """``prelort config``: the resolved config as TOML, or (``--keys``) every key documented."""
+    from prelort.config import config_to_dict, dump_toml, load_config
+
+    if args.keys:
+        from prelort.config_doc import describe_keys
+
+        if args.config or args.set:
+            raise UserError("--keys lists the keys and their defaults; drop --config/--set")
+        print(describe_keys(), end="")
+        return 0
+    cfg = load_config(args.config, args.set)
+    print(dump_toml(config_to_dict(cfg)), end="")
+    return 0
+
+
+def _cmd_methods() -> int:
+    """``prelort methods``: every method of ``run.method`` with its family and summary."""
+    from prelort.federation.methods import METHODS
+
+    width = max(len(name) for name in METHODS)
+    for name, spec in METHODS.items():
+        print(f"{name:<{width}}  {spec.family:<12}  {spec.summary}")
+    print(f"{'fedit-rN':<{width}}  {'homogeneous':<12}  FedIT oracle: every client at level N")
     return 0
 
 

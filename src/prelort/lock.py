@@ -68,7 +68,7 @@ def _refuse(out: Path, pid: int | None) -> LockedError:
 def _acquire_flock(out: Path, path: Path, log: Callable[[str], Any] | None) -> int:
     assert fcntl is not None
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -95,7 +95,7 @@ def _acquire_flock(out: Path, path: Path, log: Callable[[str], Any] | None) -> i
 def _acquire_excl(out: Path, path: Path, log: Callable[[str], Any] | None) -> int:  # pragma: no cover
     for _ in range(3):
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             try:
                 text = path.read_text(encoding="ascii", errors="replace").strip()

@@ -9,6 +9,10 @@ from prelort._lazy import lazy_getattr
 
 _LAZY = {
     "export_peft_adapter": "prelort.adapters.export",
+    "export_all_levels": "prelort.adapters.levels",
+    "load_all_levels": "prelort.adapters.levels",
+    "read_record": "prelort.adapters.levels",
+    "truncate": "prelort.adapters.levels",
     "NestedLoRA": "prelort.adapters.nested",
     "Adapter": "prelort.adapters.state",
     "LoRAPair": "prelort.adapters.state",

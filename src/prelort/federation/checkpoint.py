@@ -38,7 +38,7 @@ from prelort.adapters.state import LoRAPair
 from prelort.config import Config, config_to_dict, dump_toml
 from prelort.errors import UserError
 from prelort.federation.core import ServerState
-from prelort.reporting.files import atomic_write_bytes, atomic_write_text, fsync_dir
+from prelort.reporting.files import atomic_write_bytes, atomic_write_text, fsync_dir, umask_mode
 
 CHECKPOINT_DIR = "checkpoints"
 KEEP = 2
@@ -127,6 +127,7 @@ def save_checkpoint(
     meta = json.loads(json.dumps(meta))  # the form it is read back in (e.g. int dict keys -> str)
     meta["sha256"] = _meta_digest(meta)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    tmp.chmod(umask_mode(directory=True))  # mkdtemp makes 0o700; the round folder gets the umask
     final = root / name
     try:
         atomic_write_bytes(tmp / TENSORS_FILE, blob)

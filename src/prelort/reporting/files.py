@@ -2,7 +2,8 @@
 
 The one atomic-write helper of the project: results, summaries, checkpoints and the global
 adapter all go through ``atomic_write_bytes`` (temp names start with a dot, so a folder
-listing never mistakes a leftover for a result).
+listing never mistakes a leftover for a result). The files get the mode an ordinary
+``open()`` would give (0o666 less the user's umask), not ``mkstemp``'s private 0o600.
 """
 
 from __future__ import annotations
@@ -15,6 +16,25 @@ from pathlib import Path
 from typing import Any
 
 from prelort.config import Config, config_to_dict, dump_toml
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc where it can be, so it is never changed there)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode a new file (0o666) or folder (0o777) gets under the current umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -42,6 +62,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes 0o600; the result gets the user's umask
+            os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
