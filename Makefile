@@ -48,8 +48,8 @@ bench-synthetic: $(STAMP)
 # Runs resume and finished runs are reused.
 LLM_METHODS := prelort,prelort-literal,segment,flexlora,rb-lora,raflora,fed-plora,florist,hetlora,flora,fedit-r2,fedit-r8
 bench-llm: $(STAMP)
-	$(VENV)/bin/prelort compare --config configs/bench-bbc.toml --methods $(LLM_METHODS) --seeds 0,1,2 --out bench/results/smollm2-bbc
-	$(VENV)/bin/prelort compare --config configs/bench-ni.toml --methods $(LLM_METHODS) --seeds 0,1,2 --out bench/results/smollm2-ni
+	$(VENV)/bin/prelort compare --config configs/bench-bbc.toml --methods $(LLM_METHODS) --seeds 0,1,2,3,4,5,6,7 --out bench/results/smollm2-bbc
+	$(VENV)/bin/prelort compare --config configs/bench-ni.toml --methods $(LLM_METHODS) --seeds 0,1,2,3,4 --out bench/results/smollm2-ni
 	$(PY) bench/nested_study_bbc.py
 
 # Performance figures of bench/README.md (run on an otherwise idle machine)
