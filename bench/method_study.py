@@ -13,18 +13,15 @@ area under the rank curve, and the winner by the pre-registered rule.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT, machine, write_json
-from nested_study import SETTINGS, cell_text, paired_interval
+from nested_study import SETTINGS, cell_text, paired_interval, read_rows, run_jobs
 
 LEVELS = ["2", "4", "8", "16"]
 
@@ -214,12 +211,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
-    rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
+    rows = read_rows(log)
     done = {(r["setting"], r["variant"], int(r["seed"])) for r in rows}
     if not args.report_only:
-        import torch
-
-        torch.set_num_threads(int(os.environ.get("PRELORT_THREADS", "1")))
         todo = [
             (st, v, int(sd))
             for st in args.settings.split(",")
@@ -227,14 +221,7 @@ def main() -> None:
             for v in args.variants.split(",")
             if (st, v, int(sd)) not in done
         ]
-        t0 = time.perf_counter()
-        for i, job in enumerate(todo, 1):
-            row = run_one(*job)
-            rows.append(row)
-            with log.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            eta = (time.perf_counter() - t0) / i * (len(todo) - i)
-            print(f"[{i}/{len(todo)}] {job}: r=2 {row['rel_loss']['2']:.3f}, eta {eta:.0f}s", flush=True)
+        run_jobs(log, rows, todo, run_one)
     rep = report(rows)
     rep["machine"] = machine()
     rep["command"] = "python bench/method_study.py " + " ".join(sys.argv[1:])

@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,30 @@ def run_one(setting: str, variant: str, scaling: str, seed: int) -> dict[str, An
         "seconds": res["total_seconds"],
         "overrides": sets,
     }
+
+
+def read_rows(log: Path) -> list[dict[str, Any]]:
+    """The finished runs of a study: one JSON object per line of ``log`` (none if absent)."""
+    return [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
+
+
+def run_jobs(
+    log: Path, rows: list[dict[str, Any]], todo: list[tuple[Any, ...]], run: Callable[..., dict[str, Any]]
+) -> None:
+    """Run every job of ``todo`` (``run(*job)``) at $PRELORT_THREADS torch threads (default 1),
+    appending each finished row to ``rows`` and to ``log`` at once, so a study resumes."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("PRELORT_THREADS", "1")))
+    t0 = time.perf_counter()
+    for i, job in enumerate(todo, 1):
+        row = run(*job)
+        rows.append(row)
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        eta = (time.perf_counter() - t0) / i * (len(todo) - i)
+        r_min = next(iter(row["rel_loss"].values()))
+        print(f"[{i}/{len(todo)}] {job}: r_min {r_min:.3f}, eta {eta:.0f}s", flush=True)
 
 
 def _key(r: dict[str, Any]) -> tuple[str, str, str, int]:
@@ -283,12 +308,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
-    rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
+    rows = read_rows(log)
     done = {_key(r) for r in rows}
     if not args.report_only:
-        import torch
-
-        torch.set_num_threads(int(os.environ.get("PRELORT_THREADS", "1")))
         todo = [
             (st, v, sc, int(sd))
             for st in args.settings.split(",")
@@ -297,16 +319,7 @@ def main() -> None:
             for v in args.variants.split(",")
             if (st, v, sc, int(sd)) not in done
         ]
-        t0 = time.perf_counter()
-        for i, job in enumerate(todo, 1):
-            row = run_one(*job)
-            rows.append(row)
-            with log.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            eta = (time.perf_counter() - t0) / i * (len(todo) - i)
-            print(
-                f"[{i}/{len(todo)}] {job}: r_min {next(iter(row['rel_loss'].values())):.3f}, eta {eta:.0f}s"
-            )
+        run_jobs(log, rows, todo, run_one)
     rep = report(rows)
     rep["machine"] = machine()
     rep["command"] = "python bench/nested_study.py " + " ".join(sys.argv[1:])

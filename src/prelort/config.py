@@ -319,7 +319,7 @@ class Config:
         Every number is checked (finite, in range, consistent with the others), so no size,
         rate or limit reaches the numerics unchecked. Pure: imports no torch.
         """
-        from prelort.federation.methods import get_method
+        from prelort.federation.methods import ORDER_RULES, get_method, resolve_order
 
         run, cl = self.run, self.clients
         try:
@@ -411,7 +411,7 @@ class Config:
                 f"({', '.join(ORDER_RULES)}); run.method = {run.method!r} is not one (omit it)"
             )
 
-        order = spec.order if self.aggregation.order == "auto" else self.aggregation.order
+        order = resolve_order(spec, self.aggregation.order)
         if self.train.factors == "b-only" and order == "round" and spec.rule in ORDER_RULES:
             raise ConfigError(
                 'train.factors = "b-only" keeps A frozen, which aggregation.order = "round" rotates '
@@ -469,8 +469,6 @@ class Config:
 
 
 SUM_RULES = ("prelort", "segment", "fedit")
-ORDER_RULES = ("prelort", "segment")
-"""Rules with a rank-dimension order option (``aggregation.order``)."""
 """Aggregation rules that are a ratio of sums (docs/design.md §4.9): [privacy] works with them."""
 
 _INT_MAX = 2**63 - 1  # TOML integers are 64-bit; so are the seeds torch and numpy take

@@ -135,14 +135,13 @@ def server_update_from_sums(
     state: ServerState,
     sums: RowSums,
     *,
+    rule: AggregationRule,
     denominator: torch.Tensor | None = None,
-    rule: AggregationRule | None = None,
 ) -> ServerState:
     """One aggregation from summed delta-form messages (docs/design.md §4.9): row i becomes
     ``g[i] + S[i] / W[i]`` where W[i] > 0 (``denominator``: the public owner counts under
     differential privacy), the old row elsewhere, then the rule's ``finish_sums``
     post-processing (the importance order). The server never sees an individual update."""
     adapter = apply_sums(state.adapter, sums, delta=True, denominator=denominator)
-    if rule is not None:
-        adapter = rule.finish_sums(adapter)
+    adapter = rule.finish_sums(adapter)
     return replace(state, round=state.round + 1, adapter=adapter)

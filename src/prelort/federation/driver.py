@@ -33,6 +33,7 @@ from prelort.federation.core import (
     server_update,
     server_update_from_sums,
 )
+from prelort.federation.methods import ORDER_RULES
 from prelort.federation.plan import RunPlan
 from prelort.federation.privacy import noise_generator, owner_counts, privacy_report, privatize, sent_rows
 from prelort.federation.validation import rejection_reason
@@ -497,7 +498,7 @@ def results_dict(
     }
     if method.level is not None:
         out["oracle_level"] = method.level
-    if method.rule in ("segment", "prelort"):  # ``aggregation.order = "auto"`` resolved
+    if method.rule in ORDER_RULES:  # ``aggregation.order = "auto"`` resolved
         out["resolved"] = {"aggregation.order": plan.order, "aggregation.split": cfg.aggregation.split}
     if plan.privacy is not None:
         out["privacy"] = privacy_report(plan.privacy, state.round)

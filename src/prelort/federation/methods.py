@@ -7,6 +7,7 @@ torch), so config validation can check method names without importing the numeri
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -110,6 +111,16 @@ def oracle_level(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+ORDER_RULES = ("prelort", "segment")
+"""Rules with a rank-dimension order option (``aggregation.order``)."""
+
+
+def resolve_order(spec: MethodSpec, configured: str) -> Order:
+    """The rank-dimension order a run uses: ``aggregation.order``, or the method's own when it
+    is ``auto``."""
+    return spec.order if configured == "auto" else typing.cast(Order, configured)
+
+
 NESTING_KEYS = frozenset({"train.nested_mode", "train.own_weight", "train.own_weight_final", "train.distill"})
 ORDER_KEYS = frozenset({"aggregation.order", "aggregation.split"})
 HETLORA_KEYS = frozenset({"hetlora.gamma", "hetlora.lam", "hetlora.min_rank"})
@@ -124,7 +135,7 @@ def unused_keys(name: str) -> frozenset[str]:
     out: set[str] = set()
     if not spec.nested or spec.pinned_nesting is not None:
         out |= NESTING_KEYS
-    if spec.rule not in ("segment", "prelort"):
+    if spec.rule not in ORDER_RULES:
         out |= ORDER_KEYS
     if not spec.self_prune:
         out |= HETLORA_KEYS

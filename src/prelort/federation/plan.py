@@ -18,7 +18,7 @@ import torch
 from prelort.adapters.state import Scaling
 from prelort.aggregation.base import AggregationRule, RuleOptions, get_rule
 from prelort.config import Config
-from prelort.federation.methods import MethodSpec, Order, get_method
+from prelort.federation.methods import MethodSpec, Order, get_method, resolve_order
 from prelort.federation.privacy import PrivacyPlan, resolve_privacy
 from prelort.training.local import Factors, LocalTrainConfig
 
@@ -132,8 +132,7 @@ class RunPlan:
     def order(self) -> Order:
         """The rank-dimension order of a segment-wise rule: ``aggregation.order``, or the
         method's own when it is ``auto``."""
-        order = self.cfg.aggregation.order
-        return self.method.order if order == "auto" else order
+        return resolve_order(self.method, self.cfg.aggregation.order)
 
     def make_rule(self) -> AggregationRule:
         """A fresh instance of the method's aggregation rule."""
