@@ -9,8 +9,9 @@ On the test splits of the two SmolLM2 benchmark configs:
   taken from the correct choice's score) vs a naive scorer (one full forward of prompt +
   choice per choice, then a separate perplexity pass); and the scoring alone with
   ``eval_batch_size`` prompts per pass vs one prompt at a time. All must pick the same answers.
-- ROUGE-L generation (Natural Instructions): batched left-padded greedy decoding
-  (``eval_batch_size``, prompts sorted by length) vs one prompt at a time.
+- ROUGE-L generation (Natural Instructions): the shipped ``LMEvaluator`` with batched
+  left-padded greedy decoding (``eval_batch_size``, prompts sorted by length) vs one prompt at a
+  time; the generation share is the evaluator's time minus its time with ``generate`` off.
 - reuse across ranks: the evaluator tokenises once and is called per rank level; the cost of
   re-tokenising per level is measured, and round 0 (B = 0, the base model) is evaluated
   once per workload instead of once per level and method.
@@ -19,6 +20,7 @@ On the test splits of the two SmolLM2 benchmark configs:
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine, write_json
 from prelort.config import load_config
 from prelort.data.formatting import collate
-from prelort.evaluation.lm import LMEvaluator, answer_nll
+from prelort.evaluation.lm import LMEvaluator, answer_nll, greedy_generate
 from prelort.workloads import build_workload
 
 
@@ -68,26 +70,11 @@ def our_predictions(model: Any, ev: LMEvaluator, batch_size: int) -> list[int]:
     return out
 
 
-def generation_rouge(model: Any, ev: LMEvaluator, batch_size: int) -> float:
-    """Mean ROUGE-L of greedy answers, generated ``batch_size`` prompts at a time (as the evaluator)."""
-    from prelort.evaluation.lm import greedy_generate
-    from prelort.evaluation.metrics import rouge_l
-
-    order = sorted(range(len(ev.examples)), key=lambda i: len(ev.prompt_ids[i]))
-    scores = []
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        outs = greedy_generate(
-            model,
-            [ev.prompt_ids[i] for i in idx],
-            max_new_tokens=ev.max_new_tokens,
-            pad_id=ev.pad_id,
-            eos_id=ev.eos_id,
-        )
-        for i, toks in zip(idx, outs, strict=True):
-            text = ev.tokenizer.decode(toks, skip_special_tokens=True).strip()
-            scores.append(rouge_l(text, ev.examples[i].references))
-    return sum(scores) / len(scores)
+def evaluator_at(ev: LMEvaluator, batch_size: int, generate: bool) -> LMEvaluator:
+    """``ev`` (its tokenisation shared) run with ``batch_size`` prompts per pass, generating or not."""
+    out = copy.copy(ev)
+    out.batch_size, out.generate = batch_size, generate
+    return out
 
 
 def timed(fn: Any) -> tuple[float, Any]:
@@ -126,9 +113,12 @@ def main() -> None:
     ni: Any = build_workload(load_config(args.ni_config))
     gev = ni.evaluator
     n_ni = len(gev.examples)
-    t_gen_eval, gen_metrics = timed(lambda: gev(model))
-    t_gen, rouge_b = timed(lambda: generation_rouge(model, gev, gev.batch_size))
-    t_gen1, rouge_1 = timed(lambda: generation_rouge(model, gev, 1))
+    greedy_generate(model, [gev.prompt_ids[0]], max_new_tokens=2, pad_id=gev.pad_id, eos_id=gev.eos_id)
+    t_nll, _ = timed(lambda: evaluator_at(gev, gev.batch_size, generate=False)(model))
+    t_full, gen_metrics = timed(lambda: evaluator_at(gev, gev.batch_size, generate=True)(model))
+    t_nll1, _ = timed(lambda: evaluator_at(gev, 1, generate=False)(model))
+    t_full1, gen_metrics1 = timed(lambda: evaluator_at(gev, 1, generate=True)(model))
+    t_gen, t_gen1 = t_full - t_nll, t_full1 - t_nll1
 
     L = args.levels
     out: dict[str, Any] = {
@@ -159,10 +149,13 @@ def main() -> None:
             "one_at_a_time_seconds": t_gen1,
             "one_at_a_time_examples_per_s": n_ni / t_gen1,
             "speedup": t_gen1 / t_gen,
-            "rouge_l_batched": rouge_b,
-            "rouge_l_one_at_a_time": rouge_1,
-            "rouge_l_evaluator": gen_metrics["rouge_l"],
-            "full_evaluator_seconds": t_gen_eval,
+            "rouge_l_batched": gen_metrics["rouge_l"],
+            "rouge_l_one_at_a_time": gen_metrics1["rouge_l"],
+            "full_evaluator_seconds": t_full,
+            "loss_only_evaluator_seconds": t_nll,
+            "one_at_a_time_full_evaluator_seconds": t_full1,
+            "one_at_a_time_loss_only_evaluator_seconds": t_nll1,
+            "timing": "LMEvaluator with generate on minus off, at each batch size",
         },
         "reuse_across_ranks": {
             "levels": L,

@@ -49,6 +49,7 @@ from prelort.flower.settings import (
     split_overrides,
     with_node_ranks,
 )
+from prelort.processes import pid_alive
 from prelort.workloads import build_workload
 
 
@@ -124,6 +125,18 @@ def test_local_cli_rejects_bad_input_before_starting_anything(capsys: pytest.Cap
     assert local.main(["--nodes", "3", "--config", str(SYNTHETIC), "--set", "run.bogus=1", "--out", "x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown key 'run.bogus'" in err
+    # usage errors and bad values: the one `prelort: error:` line and status 2 of `prelort` itself
+    for argv, expected in (
+        (["--nodes", "three", "--out", "x"], "argument --nodes: invalid int value: 'three'"),
+        (["--config", str(SYNTHETIC)], "the following arguments are required: --out"),
+        (["--engine", "ray", "--out", "x"], "argument --engine: invalid choice: 'ray'"),
+        (["--ranks", "2,four", "--out", "x"], "--ranks '2,four': expected comma-separated integers"),
+        (["--nodes", "0", "--out", "x"], "--nodes must be a positive integer"),
+        (["--config", "/no/such/file.toml", "--out", "x"], "/no/such/file.toml"),
+    ):
+        assert local.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("prelort: error: ") and err.count("\n") == 1 and expected in err, (argv, err)
     notes: list[str] = []
     cfg = local.resolve_config(str(SYNTHETIC), [], 3, None, notes)  # the file samples 4 of 8 per round
     assert (cfg.clients.num_clients, cfg.run.clients_per_round, cfg.clients.ranks) == (3, 3, None)
@@ -537,7 +550,7 @@ def test_a_second_close_returns_only_once_the_socket_file_is_gone(
 # -- real processes: SuperLink + SuperNodes + flwr run on loopback ------------------------------
 def _all_dead(pids: list[int], timeout: float = 15.0) -> list[int]:
     end = time.monotonic() + timeout
-    while (alive := [p for p in pids if local._alive(p)]) and time.monotonic() < end:
+    while (alive := [p for p in pids if pid_alive(p)]) and time.monotonic() < end:
         time.sleep(0.2)
     return alive
 

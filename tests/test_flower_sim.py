@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -23,18 +24,19 @@ from flower_support import SMALL_SET, SYNTHETIC, reference_run, small_config
 from prelort.errors import UserError
 from prelort.federation.artifacts import load_global
 from prelort.flower import local
+from prelort.processes import pid_alive
 
 
 def _cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
         return ""
 
 
 def _all_dead(pids: list[int], timeout: float = 15.0) -> list[int]:
     end = time.monotonic() + timeout
-    while (alive := [p for p in pids if local._alive(p)]) and time.monotonic() < end:
+    while (alive := [p for p in pids if pid_alive(p)]) and time.monotonic() < end:
         time.sleep(0.2)
     return alive
 

@@ -9,15 +9,10 @@ from typing import Any
 
 import pytest
 
-from prelort.reporting.summary import (
-    method_family,
-    paired_differences,
-    plot_summary,
-    summarise,
-    summary_markdown,
-    t_quantile,
-    verdict_table,
-)
+from prelort.reporting.markdown import summary_markdown
+from prelort.reporting.plots import plot_summary
+from prelort.reporting.statistics import t_quantile
+from prelort.reporting.summary import method_family, paired_differences, summarise, verdict_table
 
 T_DF2 = 4.302652729749462  # t_{0.975, 2}: three paired seeds
 
@@ -121,6 +116,20 @@ def test_oracle_level_derived_from_name_without_the_field() -> None:
     e = summarise(runs)["methods"]["fedit-r4"]
     assert e["family"] == "homogeneous" and e["oracle_level"] == 4
     assert list(e["per_rank"]) == ["4"] and e["per_rank"]["4"]["accuracy"]["values"] == [0.95, 0.96]
+
+
+@pytest.mark.parametrize("name", ["fedit-r0", "fedit-r04", "fedit-r4\n"])
+def test_non_canonical_oracle_names_are_no_oracles(name: str) -> None:
+    # the method table's oracle_level: N has no leading zero and nothing follows it
+    runs = [_run("fedit-r2", i, ACC["fedit-r2"], LOSS["fedit-r2"]) for i in range(2)]
+    for r in runs:
+        del r["family"], r["oracle_level"]
+        r["method"] = name
+    s = summarise(runs)
+    e = s["methods"][name]
+    assert e["family"] == "homogeneous" and e["oracle_level"] is None
+    assert list(e["per_rank"]) == ["2", "4"] and set(e["auc"]) == {"loss", "accuracy"}
+    assert f"| {name} |" in summary_markdown(s) and "(oracle)" not in summary_markdown(s)
 
 
 def test_compute_and_communication_means(summary: dict[str, Any]) -> None:

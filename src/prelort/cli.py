@@ -7,20 +7,33 @@ written stay on disk.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
-import re
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from prelort.errors import UserError
+
+
+class _UsageError(UserError):
+    """A command-line usage error: one line, status 2 (argparse would print the usage too)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises ``_UsageError`` on bad usage; its sub-command parsers are ``_Parser`` too."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message)
 
 
 def _parser() -> argparse.ArgumentParser:
     from prelort import __version__
 
-    p = argparse.ArgumentParser(prog="prelort", description=__doc__)
+    p = _Parser(prog="prelort", description=__doc__)
     p.add_argument("--version", action="version", version=f"prelort {__version__}", help="print the version")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -83,15 +96,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # one line, status 2 (argparse's own convention)
-        raise _UsageError(message)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; expected operational errors are one line on stderr and exit status 2.
 
@@ -100,13 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``prelort: error: <path>: <what>; <what to do>``; anything else is a bug and keeps its
     traceback.
     """
-    parser = _parser()
-    parser.__class__ = _Parser
-    for action in parser._subparsers._group_actions if parser._subparsers else []:
-        for sp in getattr(action, "choices", {}).values():
-            sp.__class__ = _Parser
     try:
-        args = parser.parse_args(argv)
+        args = _parser().parse_args(argv)
         if args.command == "run":
             return _cmd_run(args)
         if args.command == "compare":
@@ -119,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_config(args)
         if args.command == "methods":
             return _cmd_methods()
-    except (_UsageError, UserError) as exc:
+    except UserError as exc:
         return _fail(str(exc))
     except OSError as exc:
         return _fail(_os_error_line(exc))
@@ -144,8 +143,6 @@ def _fail(message: str) -> int:
 
 def _os_error_line(exc: OSError) -> str:
     """``<path>: <what>; <what to do>`` for a file-system error."""
-    import errno
-
     permissions = "check its permissions or choose another path"
     full = "free some disk space or choose another path"
     hints = {
@@ -172,8 +169,6 @@ def _log_stderr(message: str) -> None:
 
 def _check_out_dir(out: Path, flag: str) -> None:
     """``out`` can be a run folder: a folder, or creatable in a writable folder (before any work)."""
-    import os
-
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out}: exists and is not a folder; choose a folder path")
     base = out
@@ -200,15 +195,6 @@ def _console(quiet: bool) -> Any:
     return Console(stderr=False, quiet=quiet)
 
 
-def execute_run(cfg: Any, workload: Any, out: Path, *, progress: bool, console: Any) -> dict[str, Any]:
-    """Run (or resume) one in-process simulation in ``out`` with a checkpoint after every round."""
-    from prelort.federation.driver import run_in_folder
-    from prelort.federation.simulator import make_driver
-
-    driver = make_driver(cfg, workload, progress=progress)
-    return run_in_folder(driver, out, log_line=console.print)
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     from prelort.config import load_config
     from prelort.lock import run_lock
@@ -229,6 +215,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _check_out_dir(out, "--out")
         cfg = load_config(args.config, args.set)
     # the numerics (torch, PEFT) are imported only once the config is known to be good
+    from prelort.commands.compare import execute_run
     from prelort.federation.checkpoint import CHECKPOINT_DIR
     from prelort.reporting import per_rank_table
     from prelort.workloads import build_workload
@@ -257,73 +244,29 @@ def _parse_list(text: str, what: str) -> list[str]:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     """``prelort compare``, holding OUT's lock for the whole command (one writer per folder)."""
+    from prelort.commands.compare import run_comparison
     from prelort.lock import run_lock
 
     out = Path(args.out)
     _check_out_dir(out, "--out")
-    if args.report_only:  # reads finished results and writes the summary atomically: no lock
-        return _compare(args)
-    with run_lock(out, log=_log_stderr):
-        return _compare(args)
-
-
-def _compare(args: argparse.Namespace) -> int:
-    from prelort.config import config_to_dict, load_config, same_config
-    from prelort.federation.methods import METHODS, oracle_level, unused_keys
-    from prelort.lock import run_lock
-
     methods = _parse_list(args.methods, "methods")
-    unknown = [m for m in methods if m not in METHODS and oracle_level(m) is None]
-    if unknown:
-        raise UserError(
-            f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)} or fedit-rN"
-        )
     try:
         seeds = [int(s) for s in _parse_list(args.seeds, "seeds")]
     except ValueError:
         raise UserError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
-    out = Path(args.out)
-    load_config(args.config, args.set)  # a bad config fails before any run starts
-    from prelort.reporting import summarise, summary_markdown
-    from prelort.reporting.files import atomic_write_text, write_json
-    from prelort.reporting.summary import plot_summary
-    from prelort.workloads import build_workload
-
-    console = _console(args.quiet)
-    runs: list[dict[str, Any]] = []
-    for seed in seeds:
-        workload = None  # built on first need: the data split follows the run seed
-        for method in methods:
-            cfg = load_config(args.config, [*args.set, f'run.method="{method}"', f"run.seed={seed}"])
-            run_dir = out / "runs" / f"{method}-seed{seed}"
-            existing = run_dir / "results.json"
-            if args.report_only and not existing.is_file():
-                console.print(f"not finished yet: {run_dir}")
-                continue
-            if existing.is_file():  # finished earlier: reuse, nothing computed is lost
-                done = json.loads(existing.read_text(encoding="utf-8"))
-                if not same_config(done.get("config"), config_to_dict(cfg), unused_keys(cfg.run.method)):
-                    raise UserError(
-                        f"{existing} was run with another configuration; move it away or choose another --out"
-                    )
-                runs.append(done)
-                console.print(f"reusing {existing}")
-                continue
-            if workload is None:
-                workload = build_workload(cfg)
-            with run_lock(run_dir, log=_log_stderr):  # a `run --resume` of this folder must wait
-                runs.append(execute_run(cfg, workload, run_dir, progress=not args.quiet, console=console))
-    if not runs:
-        raise UserError(f"{out}: no finished run of these methods and seeds to summarise")
-    summary = summarise(runs)
-    summary["config"] = str(args.config)
-    summary["overrides"] = list(args.set)
-    write_json(out / "summary.json", summary)
-    md = summary_markdown(summary, title=f"PreLort comparison: {Path(args.config).name}")
-    atomic_write_text(out / "summary.md", md)
-    plots = plot_summary(summary, runs, out)
-    console.print(md)
-    console.print(f"wrote {out / 'summary.json'}, {out / 'summary.md'} and {len(plots)} plots")
+    # --report-only reads finished results and writes the summary atomically: no lock
+    with contextlib.nullcontext() if args.report_only else run_lock(out, log=_log_stderr):
+        run_comparison(
+            args.config,
+            args.set,
+            methods,
+            seeds,
+            out,
+            report_only=args.report_only,
+            progress=not args.quiet,
+            console=_console(args.quiet),
+            log=_log_stderr,
+        )
     return 0
 
 
@@ -358,11 +301,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.all_levels:
         return _export_all_levels(args)
     cfg, adapter, delta = _run_artifacts(args.run)
-    if delta is not None:
-        raise UserError(
-            f"{args.run}: a {cfg.run.method} run merges its updates into the base weights "
-            "(base_delta.safetensors), which a LoRA adapter cannot carry; use `prelort eval --run` instead"
-        )
+    _refuse_base_delta(args.run, cfg, delta)
     if not 0 < args.rank <= cfg.max_rank:
         raise UserError(
             f"--rank {args.rank} outside 1..{cfg.max_rank} (the run's levels: {cfg.clients.levels})"
@@ -387,76 +326,31 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_base_delta(run: str, cfg: Any, delta: Any) -> None:
+    """A run with a base-weight delta cannot be exported as a LoRA adapter."""
+    if delta is not None:
+        raise UserError(
+            f"{run}: a {cfg.run.method} run merges its updates into the base weights "
+            "(base_delta.safetensors), which a LoRA adapter cannot carry; use `prelort eval --run` instead"
+        )
+
+
 def _export_all_levels(args: argparse.Namespace) -> int:
     """``export --all-levels``: the rank-R adapter in OUT, one PEFT adapter per level in OUT/r{l},
     and a model card OUT/README.md with the run's final per-rank metrics."""
-    from prelort.adapters.levels import export_all_levels, model_card, read_record
-    from prelort.federation.methods import get_method
-    from prelort.federation.plan import build_plan
-    from prelort.reporting.files import atomic_write_text
+    from prelort.commands.export import export_run_levels
 
     out = Path(args.out)
     _check_out_dir(out, "--out")
     if out.is_dir() and any(out.iterdir()):
         raise UserError(f"--out {out}: the folder is not empty; choose a new or an empty folder")
     cfg, adapter, delta = _run_artifacts(args.run)
-    if delta is not None:
-        raise UserError(
-            f"{args.run}: a {cfg.run.method} run merges its updates into the base weights "
-            "(base_delta.safetensors), which a LoRA adapter cannot carry; use `prelort eval --run` instead"
-        )
-    plan = build_plan(cfg)
-    rule = plan.make_rule()
-    levels = sorted(cfg.clients.levels)
-    R = cfg.max_rank
-    folded = [lv for lv in levels if rule.fold(adapter, lv) is not None]
-    if folded:
-        raise UserError(
-            f"--all-levels: a rank-{folded[0]} client of a {cfg.run.method} run holds the full model, "
-            "part of it folded into the base weights, which a LoRA adapter cannot carry; "
-            f"export --rank {R} (the whole model) or use `prelort eval --run`"
-        )
-    per_level = {lv: (rule.downlink(adapter, lv), plan.scaling(lv)) for lv in levels}
-    base = _base_model_path(cfg)
-    method = get_method(cfg.run.method)
-    try:
-        export_all_levels(
-            rule.downlink(adapter, R),
-            per_level,
-            plan.scaling,
-            out,
-            base_model_name_or_path=base,
-            target_modules=cfg.lora.target_modules or None,
-            info={"method": cfg.run.method, "base_model": base},
-        )
-    except ValueError as exc:
-        raise UserError(f"--all-levels: {exc}; export one rank at a time with --rank") from None
-    try:
-        results = json.loads((Path(args.run) / "results.json").read_text(encoding="utf-8"))
-        per_rank = results["final"]["per_rank"]
-    except (OSError, ValueError, KeyError, TypeError):
-        per_rank = None
-    notes = []
-    if cfg.workload.kind == "llm":
-        from prelort.models import BUILTIN_MODELS
-
-        if cfg.llm.model in BUILTIN_MODELS:
-            notes.append(
-                f"The run used the built-in alias `{cfg.llm.model}` "
-                f"({BUILTIN_MODELS[cfg.llm.model].description}), dequantised from GGUF: "
-                "the metrics below are for those weights"
-            )
-    card = model_card(
-        method=cfg.run.method,
-        summary=method.summary,
-        levels=levels,
-        scaling=read_record(out)["scaling"],
-        base_model=base,
-        per_rank=per_rank,
-        notes=[f"Method family: {method.family}", f"Rounds: {cfg.run.rounds}, seed {cfg.run.seed}", *notes],
+    _refuse_base_delta(args.run, cfg, delta)
+    levels = export_run_levels(cfg, adapter, out, base_model=_base_model_path(cfg), run_dir=Path(args.run))
+    print(
+        f"wrote the rank-{cfg.max_rank} PEFT adapter, {', '.join(f'r{lv}/' for lv in levels)} "
+        f"and README.md to {out}"
     )
-    atomic_write_text(out / "README.md", card)
-    print(f"wrote the rank-{R} PEFT adapter, {', '.join(f'r{lv}/' for lv in levels)} and README.md to {out}")
     return 0
 
 
@@ -530,10 +424,6 @@ def _cmd_methods() -> int:
     return 0
 
 
-_PEFT_FIX = "export it again with `prelort export`"
-_PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
-
-
 def _check_out_file(path: Path, flag: str) -> None:
     """``path`` can be written as a file (checked before any work)."""
     if path.is_dir():
@@ -541,121 +431,17 @@ def _check_out_file(path: Path, flag: str) -> None:
     _check_out_dir(path.parent, flag)
 
 
+# prelort.adapters.peft_io (torch, PEFT) is imported only when `eval --adapter` needs it
 def _read_peft_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``adapter_config.json`` and the weights of a PEFT LoRA adapter folder, checked for damage."""
-    import math
+    from prelort.adapters.peft_io import read_peft_adapter
 
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not adapter_dir.is_dir():
-        raise UserError(f"--adapter {adapter_dir}: not a folder; pass a PEFT adapter folder")
-    conf_path = adapter_dir / "adapter_config.json"
-    if not conf_path.is_file():
-        raise UserError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_config.json); {_PEFT_FIX}")
-    try:
-        conf = json.loads(conf_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{conf_path}: not valid JSON ({exc}); {_PEFT_FIX}") from None
-    if not isinstance(conf, dict):
-        raise UserError(f"{conf_path}: holds a {type(conf).__name__}, not an object; {_PEFT_FIX}")
-    if conf.get("peft_type") != "LORA":
-        raise UserError(f"{conf_path}: peft_type {conf.get('peft_type')!r} is not 'LORA'; {_PEFT_FIX}")
-    r, alpha, targets = conf.get("r"), conf.get("lora_alpha"), conf.get("target_modules")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise UserError(f"{conf_path}: r = {r!r} is not a positive integer; {_PEFT_FIX}")
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-        raise UserError(f"{conf_path}: lora_alpha = {alpha!r} is not a finite number; {_PEFT_FIX}")
-    if not (
-        targets is None
-        or isinstance(targets, str)
-        or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
-    ):
-        raise UserError(f"{conf_path}: target_modules = {targets!r:.60} is not a list of names; {_PEFT_FIX}")
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        other = (
-            " (adapter_model.bin is not read: pickles can run code)"
-            if (adapter_dir / "adapter_model.bin").is_file()
-            else ""
-        )
-        raise UserError(
-            f"{adapter_dir}: no adapter_model.safetensors, the adapter's weights{other}; {_PEFT_FIX}"
-        )
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{weights}: damaged weights file ({exc}); {_PEFT_FIX}") from None
-    return conf, tensors
+    return read_peft_adapter(adapter_dir)
 
 
 def _load_peft_adapter(adapter_dir: Path, conf: dict[str, Any], tensors: dict[str, Any], model: Any) -> Any:
-    """``model`` with the adapter of ``adapter_dir`` (PEFT), after checking that it fits ``model``.
+    from prelort.adapters.peft_io import load_peft_adapter
 
-    A tensor for a module the model lacks, shapes that do not fit, NaN/Inf, a module with
-    only one factor, or targets that do not match the weights is one ``UserError`` line
-    (PEFT would raise, or silently leave a module untrained).
-    """
-    import torch
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-
-    weights = adapter_dir / "adapter_model.safetensors"
-    modules = dict(model.named_modules())
-    found: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        m = _PEFT_KEY.fullmatch(key)
-        if m is None:
-            raise UserError(f"{weights}: unexpected tensor {key!r} (not a LoRA A/B weight); {_PEFT_FIX}")
-        name, which = m.groups()
-        weight = getattr(modules.get(name), "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise UserError(
-                f"{weights}: tensor {key!r} is for module {name!r}, which the run's model has no linear "
-                "layer for; was the adapter made for another model?"
-            )
-        if not bool(torch.isfinite(t).all()):
-            raise UserError(f"{weights}: tensor {key!r} holds NaN or Inf; {_PEFT_FIX}")
-        found.setdefault(name, {})[which] = t
-    if not found:
-        raise UserError(f"{weights}: holds no LoRA weights; {_PEFT_FIX}")
-    for name, ab in sorted(found.items()):
-        if set(ab) != {"A", "B"}:
-            raise UserError(f"{weights}: module {name!r} has lora_{''.join(ab)} only; {_PEFT_FIX}")
-        out_f, in_f = modules[name].weight.shape
-        A, B = ab["A"], ab["B"]
-        if (
-            A.dim() != 2
-            or B.dim() != 2
-            or A.shape[1] != in_f
-            or B.shape[0] != out_f
-            or A.shape[0] != B.shape[1]
-        ):
-            raise UserError(
-                f"{weights}: module {name!r} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
-                f"which do not fit its weight {(out_f, in_f)}; was the adapter made for another model?"
-            )
-        if A.shape[0] != conf["r"] and not conf.get("rank_pattern"):
-            raise UserError(
-                f"{weights}: module {name!r} has rank {A.shape[0]} but adapter_config.json says r = "
-                f"{conf['r']}; {_PEFT_FIX}"
-            )
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
-    except (ValueError, KeyError, TypeError, RuntimeError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UserError(
-            f"{adapter_dir}: PEFT could not load the adapter ({type(exc).__name__}: {first}); {_PEFT_FIX}"
-        ) from None
-    wrapped = {
-        n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)
-    }
-    if wrapped != set(found):
-        raise UserError(
-            f"{adapter_dir / 'adapter_config.json'}: target_modules select {sorted(wrapped)} but the weights "
-            f"are for {sorted(found)}; {_PEFT_FIX}"
-        )
-    return peft_model
+    return load_peft_adapter(adapter_dir, conf, tensors, model)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prelort.errors import UserError
+from prelort.processes import pid_alive
 
 LOCK_FILE = ".prelort.lock"
 
@@ -29,20 +30,6 @@ except ImportError:  # pragma: no cover - Windows
 
 class LockedError(UserError):
     """The output folder is in use by another live prelort process."""
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except OSError:  # pragma: no cover
-        return False
-    return True
 
 
 def _read_pid(fd: int) -> int | None:
@@ -102,7 +89,7 @@ def _acquire_excl(out: Path, path: Path, log: Callable[[str], Any] | None) -> in
             except FileNotFoundError:
                 continue
             pid = int(text) if text.isdigit() else None
-            if pid is not None and _pid_alive(pid):
+            if pid is not None and pid_alive(pid):
                 raise _refuse(out, pid) from None
             if log is not None:
                 log(f"taking over the stale lock {path} of process {pid} (no longer running)")

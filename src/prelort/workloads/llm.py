@@ -9,16 +9,25 @@ them (``prelort.evaluation``).
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from prelort.config import Config, LLMSection
-from prelort.data import Example, collate, encode_example, load_source, partition_indices, train_test_split
+from prelort.data import (
+    SOURCES,
+    Example,
+    collate,
+    encode_example,
+    load_source,
+    partition_indices,
+    train_test_split,
+)
 from prelort.errors import ConfigError
 from prelort.evaluation import LMEvaluator
 from prelort.training.lm_loss import answer_kl, answer_logits, answer_loss, answer_targets, logits_nll
@@ -29,18 +38,28 @@ def _path(s: LLMSection) -> str:
 
 
 def _source_options(s: LLMSection) -> dict[str, Any]:
-    builders: dict[str, Callable[[LLMSection], dict[str, Any]]] = {
-        "bbc-news": lambda s: {"path": _path(s) or None, "max_chars": s.max_chars},
-        "natural-instructions": lambda s: {
-            "path": _path(s),
-            "tasks": s.tasks or None,
-            "max_per_task": s.max_per_task or None,
-        },
-        "multiple-choice": lambda s: {"path": _path(s)},
-        "local": lambda s: {"path": _path(s), "fields": s.fields or None},
-        "hub": lambda s: {"dataset_id": s.path, "split": s.split, "fields": s.fields or None},
+    """The ``[llm]`` options the loader of ``s.source`` (in ``prelort.data.SOURCES``) names.
+
+    ``path``: llm.path with ``~`` and $VARS expanded; ``dataset_id``: llm.path as given (a hub
+    id); ``max_chars``, ``tasks``, ``max_per_task``, ``fields``, ``split``: those keys. Unset
+    ones (empty path, no tasks or fields, max_per_task 0) are left out, so the loader's
+    defaults apply; a loader with ``**options`` gets every set one.
+    """
+    values = {
+        "path": _path(s) or None,
+        "dataset_id": s.path or None,
+        "max_chars": s.max_chars,
+        "tasks": s.tasks or None,
+        "max_per_task": s.max_per_task or None,
+        "fields": s.fields or None,
+        "split": s.split,
     }
-    return builders[s.source](s)
+    loader = SOURCES.get(s.source)
+    if loader is None:  # reaches load_source, which names the registered sources
+        return {}
+    parameters = inspect.signature(loader).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    return {k: v for k, v in values.items() if v is not None and (takes_any or k in parameters)}
 
 
 def load_examples(s: LLMSection) -> list[Example]:
