@@ -53,13 +53,13 @@ def module_shapes(model: str, targets: list[str]) -> dict[str, tuple[int, int]]:
 def per_client_bytes(cfg_path: str, method: str, shapes: dict[str, tuple[int, int]]) -> dict[str, Any]:
     plan = build_plan(load_config(cfg_path, [f"run.method={method}"]))
     rule = plan.make_rule()
-    state = initial_state(plan, shapes)
+    state = initial_state(plan, shapes, rule)
     g = torch.Generator().manual_seed(0)
     rows: dict[str, Any] = {}
     updates = []
     ranks = sorted(set(state.client_ranks))
     for r in ranks:
-        down = adapter_num_bytes(rule.downlink(state.adapter, r)) + state.broadcast_bytes
+        down = rule.message(state.adapter, state.rule_state, r).num_bytes
         upd = {
             n: LoRAPair(torch.randn(r, i, generator=g), torch.randn(o, r, generator=g))
             for n, (o, i) in shapes.items()
@@ -68,10 +68,8 @@ def per_client_bytes(cfg_path: str, method: str, shapes: dict[str, tuple[int, in
         rows[str(r)] = {"up": adapter_num_bytes(upd), "down_round1": down}
     state2, _ = server_update(state, rule, updates)
     for r in ranks:
-        rows[str(r)]["down_later_rounds"] = (
-            adapter_num_bytes(rule.downlink(state2.adapter, r)) + state2.broadcast_bytes
-        )
-    return {"client_ranks": ranks, "per_rank": rows, "broadcast_bytes": state2.broadcast_bytes}
+        rows[str(r)]["down_later_rounds"] = rule.message(state2.adapter, state2.rule_state, r).num_bytes
+    return {"client_ranks": ranks, "per_rank": rows, "broadcast_bytes": rule.extra_bytes(state2.rule_state)}
 
 
 def check_runs(runs_dir: Path, table: dict[str, Any]) -> dict[str, Any]:

@@ -59,16 +59,14 @@ def test_progress_shows_clients_steps_and_evaluation(
 
 def test_progress_view_sees_every_client_and_step(monkeypatch: pytest.MonkeyPatch) -> None:
     from prelort.config import load_config
-    from prelort.federation import driver as drv
     from prelort.federation.simulator import make_driver
+    from prelort.reporting.progress import RoundProgress
     from prelort.workloads import build_workload
 
     seen: dict[str, list] = {"clients": [], "steps": [], "levels": []}
-    monkeypatch.setattr(
-        drv.RoundProgress, "client_started", lambda self, i, k, r: seen["clients"].append((k, r))
-    )
-    monkeypatch.setattr(drv.RoundProgress, "step", lambda self: seen["steps"].append(1))
-    monkeypatch.setattr(drv.RoundProgress, "evaluating", lambda self, lv: seen["levels"].append(lv))
+    monkeypatch.setattr(RoundProgress, "client_started", lambda self, i, k, r: seen["clients"].append((k, r)))
+    monkeypatch.setattr(RoundProgress, "step", lambda self: seen["steps"].append(1))
+    monkeypatch.setattr(RoundProgress, "evaluating", lambda self, lv: seen["levels"].append(lv))
     cfg = load_config("configs/synthetic.toml", [*TINY, 'train.nested_mode="all"'])
     d = make_driver(cfg, build_workload(cfg), progress=True)
     state, rounds = d.start()

@@ -66,7 +66,7 @@ def test_client_receives_and_returns_only_its_prefix() -> None:
     plan = build_plan(cfg)
     nested = build_nested(plan, wl)
     rule = plan.make_rule()
-    state = initial_state(plan, nested.shapes())
+    state = initial_state(plan, nested.shapes(), plan.make_rule())
     received = rule.downlink(state.adapter, 4)
     assert all(p.A.shape[0] == 4 and p.B.shape[1] == 4 for p in received.values())
     res = client_update(nested, received, client_id=1, round_=1, plan=plan, workload=wl)

@@ -508,7 +508,7 @@ def test_client_update_runs_sandwich_with_distillation_on_the_synthetic_workload
     plan = build_plan(cfg)
     wl = SyntheticWorkload(cfg.synthetic, cfg.clients.num_clients, cfg.train.batch_size)
     nested = build_nested(plan, wl)
-    state = initial_state(plan, nested.shapes())
+    state = initial_state(plan, nested.shapes(), plan.make_rule())
     received = plan.make_rule().downlink(state.adapter, 8)
     res = client_update(nested, received, client_id=2, round_=1, plan=plan, workload=wl)
     assert res.stats.steps == 3 and res.stats.passes == 6

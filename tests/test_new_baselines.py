@@ -11,11 +11,11 @@ import torch
 
 from prelort.adapters import LoRAPair, Scaling
 from prelort.adapters.nested import NestedLoRA
+from prelort.adapters.state import adapter_num_bytes
 from prelort.aggregation import ClientUpdate, aggregate, get_rule
 from prelort.aggregation.base import RuleOptions
 from prelort.aggregation.fed_plora import select_modules
 from prelort.aggregation.florist import energy_rank, stacked_svd
-from prelort.federation.driver import folded
 from prelort.federation.methods import get_method
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,11 +88,15 @@ def test_fed_plora_folding_then_unfolding_leaves_the_model_unchanged() -> None:
     down = rule.downlink(g, 2, client_id=1, round_=3)
     fold = rule.fold(g, 2, client_id=1, round_=3)
     assert fold is not None
-    with folded(nested, None, fold.delta):  # what the client trains on: W0 + fold, rank-2 modules
-        nested.set_adapter(down)
-        nested.set_rank(2)
-        with torch.no_grad():
-            torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+    msg = rule.message(g, {}, 2, client_id=1, round_=3)
+    assert msg.base is not None and torch.equal(msg.base["0"], fold.delta["0"])
+    assert msg.num_bytes == adapter_num_bytes(down) + fold.num_bytes
+    nested.set_base(msg.base)  # what the client trains on: W0 + fold, rank-2 modules
+    nested.set_adapter(msg.adapter)
+    nested.set_rank(2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+    nested.set_base(None)
     # un-folded: the base weights are W0 again, bit for bit, and the global model unchanged
     assert torch.equal(nested.layers["0"].get_base_layer().weight, w0)
     nested.set_adapter(g)
@@ -297,9 +301,10 @@ def test_fed_plora_jobs_carry_folds_the_bytes_count_all_modules_and_w0_is_restor
     for k in range(cfg.clients.num_clients):
         job = driver.job(state, k, 2)
         r = state.client_ranks[k]
-        assert (job.fold is None) == (r == R)
-        assert job.fold_bytes == full * (R - r) // R
-    for n, layer in driver.nested.layers.items():  # the clients' folds were all removed
+        assert (job.base is None) == (r == R)  # the fold is the job's base delta
+        assert job.num_bytes == full * r // R + full * (R - r) // R  # its modules + the fold's
+    driver.nested.set_base(None)  # whatever base the last client or level had: back to W0 exactly
+    for n, layer in driver.nested.layers.items():
         assert torch.equal(layer.get_base_layer().weight, w0[n])
 
 

@@ -21,6 +21,8 @@ _LAZY = {
     "AggregationResult": "prelort.aggregation",
     "ClientUpdate": "prelort.aggregation",
     "aggregate": "prelort.aggregation",
+    "run": "prelort.api",
+    "compare": "prelort.api",
 }
 __all__ = sorted(_LAZY)
 __version__ = "0.1.0"

@@ -8,26 +8,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from prelort.errors import UsageParser as _Parser
 from prelort.errors import UserError
+from prelort.errors import fail as _fail
+from prelort.errors import os_error_line as _os_error_line
 
-
-class _UsageError(UserError):
-    """A command-line usage error: one line, status 2 (argparse would print the usage too)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """Raises ``_UsageError`` on bad usage; its sub-command parsers are ``_Parser`` too."""
-
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(message)
+RUNTIMES = ("inprocess", "flower-simulation", "flower-deployment")
+"""Where ``prelort run`` runs the rounds: this process, or a loopback Flower federation."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +39,18 @@ def _parser() -> argparse.ArgumentParser:
         "--resume", metavar="DIR", help="continue the killed run in DIR from its last checkpoint"
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    run.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="inprocess",
+        help="inprocess (default), or a loopback Flower federation: flower-simulation (Flower's "
+        "simulation engine on Ray) or flower-deployment (SuperLink + one SuperNode process per client)",
+    )
+    run.add_argument("--nodes", type=int, default=None, help="Flower runtimes: number of nodes (clients)")
+    run.add_argument("--workers", type=int, default=1, help="flower-simulation: Ray ClientApp workers")
+    run.add_argument("--tls", action="store_true", help="flower-deployment: TLS with a test CA")
+    run.add_argument("--auth", action="store_true", help="flower-deployment: SuperNode authentication")
+    run.add_argument("--timeout", type=float, default=3600, help="Flower runtimes: seconds for the whole run")
 
     cmp_ = sub.add_parser("compare", help="run several methods and seeds; write summary.{json,md} and plots")
     cmp_.add_argument("--config", required=True, help="TOML config file shared by every run")
@@ -134,35 +140,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-def _fail(message: str) -> int:
-    """Print ``message`` as the one ``prelort: error:`` line on stderr; exit status 2."""
-    one_line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-    print(f"prelort: error: {one_line}", file=sys.stderr)
-    return 2
-
-
-def _os_error_line(exc: OSError) -> str:
-    """``<path>: <what>; <what to do>`` for a file-system error."""
-    permissions = "check its permissions or choose another path"
-    full = "free some disk space or choose another path"
-    hints = {
-        errno.EACCES: permissions,
-        errno.EPERM: permissions,
-        errno.EROFS: "the file system is read-only; choose another path",
-        errno.ENOENT: "check that the path exists",
-        errno.EEXIST: "a file is in the way; remove it or choose another path",
-        errno.ENOTDIR: "a file is in the way where a folder is needed; choose another path",
-        errno.EISDIR: "it is a folder; give a file path",
-        errno.ENOSPC: full,
-        errno.EDQUOT: full,
-    }
-    what = exc.strerror or str(exc) or type(exc).__name__
-    hint = hints.get(exc.errno or 0, "check the path and try again")
-    if exc.filename is None:
-        return f"{what}; {hint}"
-    return f"{exc.filename}: {what}; {hint}"
-
-
 def _log_stderr(message: str) -> None:
     print(f"prelort: {message}", file=sys.stderr)
 
@@ -199,6 +176,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from prelort.config import load_config
     from prelort.lock import run_lock
 
+    if args.runtime != "inprocess":
+        from prelort.commands.runtime import run_flower
+
+        return run_flower(args)
+    if args.nodes is not None or args.workers != 1 or args.tls or args.auth:
+        raise UserError(
+            "--nodes, --workers, --tls and --auth apply to the Flower runtimes (--runtime flower-...)"
+        )
     console = _console(args.quiet)
     if args.resume:
         if args.config or args.set or (args.out and Path(args.out) != Path(args.resume)):
@@ -386,11 +371,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             if any(not 0 < r <= cfg.max_rank for r in levels):
                 raise UserError(f"--ranks {args.ranks}: every rank must be in 1..{cfg.max_rank}")
         nested = build_nested(cfg, workload)
-        if delta is not None:
-            nested.set_base_delta(delta)
         rule = build_plan(cfg).make_rule()
-        state = ServerState(round=-1, adapter=adapter, client_ranks=(), base_delta=delta)
-        metrics = evaluate_per_rank(nested, rule, state, levels, workload)
+        state = ServerState(round=-1, adapter=adapter, client_ranks=())
+        metrics = evaluate_per_rank(nested, rule, state, levels, workload, merged=delta)
     print(json.dumps(metrics, indent=2))
     if args.out:
         write_json(args.out, metrics)

@@ -19,6 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from prelort.config_sections import (
     AggregationSection,
     ClientsSection,
+    FloristSection,
     HetLoRASection,
     LLMSection,
     LoRASection,
@@ -38,11 +39,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
-    "SUM_RULES",
     "AggregationSection",
     "ClientsSection",
     "Config",
     "ConfigError",
+    "FloristSection",
     "HetLoRASection",
     "LLMSection",
     "LoRASection",
@@ -57,6 +58,7 @@ __all__ = [
     "load_config",
     "parse_override",
     "same_config",
+    "sum_methods",
 ]
 
 
@@ -69,6 +71,7 @@ class Config:
     lora: LoRASection = field(default_factory=LoRASection)
     train: TrainSection = field(default_factory=TrainSection)
     hetlora: HetLoRASection = field(default_factory=HetLoRASection)
+    florist: FloristSection = field(default_factory=FloristSection)
     aggregation: AggregationSection = field(default_factory=AggregationSection)
     workload: WorkloadSection = field(default_factory=WorkloadSection)
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
@@ -91,6 +94,7 @@ class Config:
         from prelort.federation.methods import ORDER_RULES, get_method, resolve_order
 
         run, cl = self.run, self.clients
+        import_plugins(run.plugins)
         try:
             spec = get_method(run.method)
         except ValueError as exc:
@@ -127,6 +131,7 @@ class Config:
 
         h = self.hetlora
         h.validate()
+        self.florist.validate()
         if h.min_rank is not None and h.min_rank > self.max_rank:
             raise ConfigError(
                 f"hetlora.min_rank = {h.min_rank} is above the largest rank level {self.max_rank}; "
@@ -154,10 +159,10 @@ class Config:
                 f"privacy.secagg_bits = {p.secagg_bits} overflows SecAgg+'s 32-bit sums with "
                 f"{cpr} clients per round; lower it (clients_per_round * 2^bits < 2^32)"
             )
-        if rule not in SUM_RULES:
+        if not _has_sum_form(rule):
             raise ConfigError(
-                f"[privacy] needs a method whose aggregation is a ratio of sums (prelort, segment, fedit, "
-                f"fedit-max, fedit-rN); run.method = {self.run.method!r} is not one"
+                f"[privacy] needs a method whose aggregation is a ratio of sums ({sum_methods()}); "
+                f"run.method = {self.run.method!r} is not one"
             )
         p.validate_consistency()
         if p.secure_aggregation and cpr < 2:
@@ -167,8 +172,34 @@ class Config:
             )
 
 
-SUM_RULES = ("prelort", "segment", "fedit")
-"""Aggregation rules that are a ratio of sums (docs/design.md §4.9): [privacy] works with them."""
+def import_plugins(modules: list[str]) -> None:
+    """Import ``run.plugins`` (modules registering rules and methods); ConfigError if one fails."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # any failure of a user module is a config problem
+            raise ConfigError(
+                f"run.plugins: cannot import {name!r} ({type(exc).__name__}: {exc}); "
+                "give an importable module name (on PYTHONPATH)"
+            ) from None
+
+
+def _has_sum_form(rule: str) -> bool:
+    """Whether aggregation rule ``rule`` is a ratio of sums (its ``sum_form``, docs/design.md
+    §4.9). Only a ``[privacy]`` config asks, so only it imports the rules (and torch)."""
+    from prelort.aggregation import RULES
+
+    return rule in RULES and RULES[rule].sum_form
+
+
+def sum_methods() -> str:
+    """The methods whose rule has a sum form, for messages (``fedit-rN`` stands for the oracles)."""
+    from prelort.federation.methods import METHODS
+
+    names = [m.name for m in METHODS.values() if _has_sum_form(m.rule)]
+    return ", ".join(names + (["fedit-rN"] if _has_sum_form("fedit") else []))
 
 
 # -- parsing -----------------------------------------------------------------------------------

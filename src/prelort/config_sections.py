@@ -3,17 +3,19 @@
 Every section's ``validate`` checks its own values (finite, in range, consistent with each
 other) and raises ``ConfigError`` with one line naming the key and the fix;
 ``prelort.config.Config.validate`` calls them and adds the checks that span sections.
-Re-exported by ``prelort.config``. Pure: imports no torch.
+The value checks they share (``_real``, ``_int_at_least``, ...) are in
+``prelort.config_checks``. Re-exported by ``prelort.config``. Pure: imports no torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+from prelort.config_checks import _choice as _choice  # re-exported: prelort.config imports it here
+from prelort.config_checks import _int_at_least, _real, _seed
 from prelort.errors import ConfigError
 from prelort.source_registry import source_names
 
@@ -40,6 +42,11 @@ class RunSection:
     sampling: Literal["uniform", "stratified"] = "stratified"
     """Client sampling per round: ``uniform`` without replacement, or ``stratified``: every
     rank level in every round when clients_per_round >= number of levels (highest first)."""
+    plugins: list[str] = field(default_factory=list)
+    """Python modules imported before ``run.method`` is checked, in every process that reads
+    the config (Flower's ServerApp and ClientApps included): a module that registers a rule
+    and a method (``aggregation.register``, ``federation.methods.register_method``) makes it
+    selectable."""
 
     def validate(self) -> None:
         """Checks of [run] (``run.method`` and ``run.eval_levels``: ``Config.validate``)."""
@@ -212,6 +219,18 @@ class HetLoRASection:
         _real("hetlora.lam", self.lam, lo=0.0)
         if self.min_rank is not None:
             _int_at_least("hetlora.min_rank", self.min_rank, 1)
+
+
+@dataclass
+class FloristSection:
+    """[florist]: FLoRIST's singular-value thresholding (Ramesh and Dass 2026)."""
+
+    energy_threshold: float = 0.9
+    """tau: the smallest rank whose singular values hold this share of the energy is kept."""
+
+    def validate(self) -> None:
+        """Checks of [florist]: 0 < tau <= 1."""
+        _real("florist.energy_threshold", self.energy_threshold, lo=0.0, hi=1.0, lo_open=True)
 
 
 @dataclass
@@ -412,57 +431,3 @@ class PrivacySection:
                     "privacy.target_epsilon and privacy.delta, or privacy.secure_aggregation = true "
                     f"({tuning} only tune them)"
                 )
-
-
-_INT_MAX = 2**63 - 1  # TOML integers are 64-bit; so are the seeds torch and numpy take
-
-
-def _choice(key: str, value: object, choices: Sequence[object]) -> None:
-    """``value`` is one of ``choices`` (a ``Literal``'s or a registry's)."""
-    if value not in choices:
-        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(map(repr, choices))}")
-
-
-def _int_at_least(key: str, value: int, lo: int, hint: str = "") -> None:
-    """``value`` is an integer in [lo, 2^63 - 1]."""
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= _INT_MAX:
-        what = "a positive integer" if lo == 1 else f"an integer >= {lo}"
-        raise ConfigError(f"{key} = {value!r} must be {what}{'; ' + hint if hint else ''}")
-
-
-def _positive(key: str, value: int) -> None:
-    _int_at_least(key, value, 1)
-
-
-def _seed(key: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _INT_MAX:
-        raise ConfigError(f"{key} = {value!r} must be an integer in 0..2^63-1")
-
-
-def _real(
-    key: str,
-    value: float,
-    *,
-    lo: float | None = None,
-    hi: float | None = None,
-    lo_open: bool = False,
-    hi_open: bool = False,
-    hint: str = "",
-) -> None:
-    """``value`` is a finite number in the interval given by lo/hi (open or closed ends)."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and lo is not None:
-        ok = value > lo if lo_open else value >= lo
-    if ok and hi is not None:
-        ok = value < hi if hi_open else value <= hi
-    if not ok:
-        if lo is not None and hi is not None:
-            where = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        elif lo is not None:
-            where = f"{'>' if lo_open else '>='} {lo:g}"
-        elif hi is not None:
-            where = f"{'<' if hi_open else '<='} {hi:g}"
-        else:
-            where = ""
-        what = f"a finite number {where}".rstrip()
-        raise ConfigError(f"{key} = {value!r} must be {what}{'; ' + hint if hint else ''}")

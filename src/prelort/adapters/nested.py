@@ -77,6 +77,8 @@ class NestedLoRA:
             p.requires_grad_(False)
         self._rank = self.max_rank
         self._base_weights: dict[str, torch.Tensor] = {}
+        self._offset: set[str] = set()
+        """Modules whose base weights currently differ from W0 by a delta."""
         self._masks: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
         self._dim_weights: torch.Tensor | None = None
         for layer in self.layers.values():
@@ -196,6 +198,18 @@ class NestedLoRA:
             B[:, :r].copy_(pair.B)
 
     @torch.no_grad()
+    def set_base(self, deltas: dict[str, torch.Tensor] | None) -> None:
+        """W <- W0 + dW for the modules in ``deltas`` and W <- W0 for every other module an
+        earlier call offset: afterwards the base is exactly W0 + ``deltas``, whatever came before
+        (a downlink's ``base``: FLoRA's merged updates, Fed-PLoRA's fold)."""
+        deltas = deltas or {}
+        for name in sorted(self._offset - set(deltas)):
+            cast(nn.Linear, self.layers[name].get_base_layer()).weight.copy_(self._base_weights[name])
+        if deltas:
+            self.set_base_delta(deltas)
+        self._offset = set(deltas)
+
+    @torch.no_grad()
     def set_base_delta(self, deltas: dict[str, torch.Tensor]) -> None:
         """W <- W0 + dW for each named module (FLoRA's merged updates, dW accumulated).
 
@@ -208,3 +222,4 @@ class NestedLoRA:
             if original is None:
                 original = self._base_weights[name] = weight.detach().clone()
             weight.copy_(original + delta.to(device=weight.device, dtype=weight.dtype))
+            self._offset.add(name)

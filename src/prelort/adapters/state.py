@@ -145,3 +145,12 @@ def load_adapter(path: str | Path) -> Adapter:
         return {n: LoRAPair(tensors[f"{n}.A"], tensors[f"{n}.B"]) for n in sorted(names)}
     except KeyError as exc:
         raise ValueError(f"{path}: adapter file misses tensor {exc}") from None
+
+
+def add_deltas(
+    a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor] | None:
+    """Module-wise sum of two weight-delta maps (a module missing from one counts as zero)."""
+    if a is None or b is None:
+        return a if b is None else b
+    return {**a, **{k: a[k] + v if k in a else v for k, v in b.items()}}

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import torch
 
-from prelort.adapters.state import Adapter, LoRAPair, Scaling
+from prelort.adapters.state import Adapter, LoRAPair, Scaling, adapter_num_bytes, add_deltas
+
+if TYPE_CHECKING:
+    from prelort.adapters.nested import NestedLoRA
 
 Order = Literal["ownership", "round", "export"]
 Split = Literal["b", "balanced"]
@@ -57,6 +60,9 @@ class RuleOptions:
     energy_threshold: float = 0.9
     order: Order = "ownership"
     split: Split = "balanced"
+    section: Any = None
+    """The rule's own config section (``AggregationRule.config_section``), validated by the
+    config (``[hetlora]``, ``[florist]``)."""
 
     def scale(self, r: int) -> float:
         return 1.0 if self.scaling is None else self.scaling(r)
@@ -75,20 +81,100 @@ class Fold:
     num_bytes: int
 
 
+RuleState = dict[str, torch.Tensor]
+"""A rule's own server state (docs/design.md §6): named tensors that only the rule reads.
+The driver, both transports, checkpoints and the CLI carry it without opening it."""
+
+
+@dataclass(frozen=True)
+class Downlink:
+    """What one client receives in a round, as the rule builds it (``AggregationRule.message``).
+
+    ``base`` is the weight delta the client adds to its frozen base weights W0 before it
+    trains (FLoRA's merged updates, Fed-PLoRA's fold; None: W0 as it is); evaluation at a
+    level uses the same message without a client id. ``num_bytes`` is what sending it costs.
+    """
+
+    adapter: Adapter
+    base: dict[str, torch.Tensor] | None
+    num_bytes: int
+
+
+class LocalHook(Protocol):
+    """A rule's part in a client's local training (HetLoRA's regulariser and self-pruning)."""
+
+    regulariser: Callable[..., torch.Tensor] | None
+    """Added to the training loss (``train_local``'s ``regulariser``), or None."""
+
+    def rank_after(self) -> int:
+        """The rank the client returns and keeps after training."""
+        ...
+
+
 class AggregationRule:
     """Base class: ``aggregate`` builds the new global adapter, ``downlink`` what a client gets.
 
     The default downlink is the rank-r prefix (A[:r], B[:, :r]) of the global adapter, with no
-    ``fold``.
+    ``fold``. A rule with server state beyond the global adapter overrides ``init_state`` and
+    ``update`` (and ``merged`` / ``extra_bytes`` if clients need part of it); ``sum_form``
+    says whether it can aggregate from summed messages (secure aggregation, DP).
     """
 
     name: ClassVar[str] = ""
+    config_section: ClassVar[str | None] = None
+    """The config section holding the rule's own options, handed over as ``options.section``."""
+    sum_form: ClassVar[bool] = False
+    """The rule's aggregate is row-wise data-weighted averaging of delta-form messages
+    (docs/design.md §4.9), so it runs under secure aggregation and DP."""
 
     def __init__(self, options: RuleOptions | None = None) -> None:
         self.options = options or RuleOptions()
 
     def aggregate(self, global_adapter: Adapter, updates: Sequence[ClientUpdate]) -> AggregationResult:
         raise NotImplementedError
+
+    def init_state(self, global_adapter: Adapter) -> RuleState:
+        """The rule's round-0 state (default: none)."""
+        return {}
+
+    def update(
+        self, global_adapter: Adapter, state: RuleState, updates: Sequence[ClientUpdate]
+    ) -> tuple[Adapter, RuleState, AggregationResult]:
+        """One aggregation: the new global adapter and rule state (default: ``aggregate``,
+        state unchanged)."""
+        result = self.aggregate(global_adapter, updates)
+        return result.adapter, state, result
+
+    def local_hook(self, nested: NestedLoRA, rank: int) -> LocalHook | None:
+        """The rule's part in the local training of a client of ``rank`` whose received adapter
+        is loaded in ``nested`` (default: none)."""
+        return None
+
+    def merged(self, state: RuleState) -> dict[str, torch.Tensor] | None:
+        """Weight deltas every model built from the global state adds to W0 (default: none)."""
+        return None
+
+    def extra_bytes(self, state: RuleState) -> int:
+        """Bytes every client downloads besides its adapter and fold (default: 0)."""
+        return 0
+
+    def message(
+        self,
+        global_adapter: Adapter,
+        state: RuleState,
+        rank: int,
+        *,
+        client_id: int | None = None,
+        round_: int | None = None,
+    ) -> Downlink:
+        """Client ``client_id``'s downlink at ``rank``: ``downlink``, with ``merged`` plus
+        ``fold`` as its base delta, costing the adapter, ``extra_bytes`` and the fold's bytes."""
+        adapter = self.downlink(global_adapter, rank, client_id=client_id, round_=round_)
+        fold = self.fold(global_adapter, rank, client_id=client_id, round_=round_)
+        num_bytes = adapter_num_bytes(adapter) + self.extra_bytes(state)
+        if fold is None:
+            return Downlink(adapter, self.merged(state), num_bytes)
+        return Downlink(adapter, add_deltas(self.merged(state), fold.delta), num_bytes + fold.num_bytes)
 
     def downlink(
         self, global_adapter: Adapter, rank: int, *, client_id: int | None = None, round_: int | None = None
@@ -111,6 +197,37 @@ class AggregationRule:
         """Post-processing of the adapter a sum round computed from summed messages
         (secure aggregation / DP; docs/design.md §4.9). Default: none."""
         return adapter
+
+
+class MergingRule(AggregationRule):
+    """A rule that merges each round's aggregate into the base weights (FLoRA, FLoRIST).
+
+    State: ``merged/{module}`` = sum over rounds of the merged deltas (W = W0 + that sum) and
+    ``broadcast_bytes``, what every client downloads next round to apply the merge.
+    """
+
+    def update(
+        self, global_adapter: Adapter, state: RuleState, updates: Sequence[ClientUpdate]
+    ) -> tuple[Adapter, RuleState, AggregationResult]:
+        result = self.aggregate(global_adapter, updates)
+        new = dict(state)
+        for name, delta in (result.base_delta or {}).items():
+            key = f"merged/{name}"
+            new[key] = state[key] + delta.float() if key in state else delta.float().clone()
+        new["broadcast_bytes"] = torch.tensor(result.broadcast_bytes, dtype=torch.int64)
+        return result.adapter, new, result
+
+    def local_hook(self, nested: NestedLoRA, rank: int) -> LocalHook | None:
+        """The rule's part in the local training of a client of ``rank`` whose received adapter
+        is loaded in ``nested`` (default: none)."""
+        return None
+
+    def merged(self, state: RuleState) -> dict[str, torch.Tensor] | None:
+        out = {k.removeprefix("merged/"): v for k, v in state.items() if k.startswith("merged/")}
+        return out or None
+
+    def extra_bytes(self, state: RuleState) -> int:
+        return int(state["broadcast_bytes"]) if "broadcast_bytes" in state else 0
 
 
 RULES: dict[str, type[AggregationRule]] = {}

@@ -76,14 +76,13 @@ from prelort.aggregation.base import (
     check_updates,
     register,
 )
+from prelort.seeding import generator_for
 
 
 def select_modules(seed: int, round_: int, client_id: int, rank: int, max_rank: int) -> list[int]:
     """S_k(t): the first ``rank`` entries of a permutation of 0..R-1 seeded by (seed, "select",
     round, client). A prefix of the same permutation for a smaller rank, so the rows of an
     update of lower rank still map to the modules it was sent."""
-    from prelort.federation.plan import generator_for  # lazy: plan imports the aggregation package
-
     perm = torch.randperm(max_rank, generator=generator_for(seed, "select", round_, client_id))
     return [int(j) for j in perm[:rank]]
 

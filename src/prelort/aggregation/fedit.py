@@ -24,6 +24,8 @@ from prelort.aggregation.base import (
 class FedIT(AggregationRule):
     """Homogeneous-rank FedAvg of A and B."""
 
+    sum_form = True
+
     name = "fedit"
 
     def aggregate(self, global_adapter: Adapter, updates: Sequence[ClientUpdate]) -> AggregationResult:

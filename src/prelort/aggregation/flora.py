@@ -22,8 +22,8 @@ import torch
 from prelort.adapters.state import Adapter, LoRAPair, adapter_num_bytes, init_adapter
 from prelort.aggregation.base import (
     AggregationResult,
-    AggregationRule,
     ClientUpdate,
+    MergingRule,
     check_updates,
     data_weights,
     register,
@@ -41,7 +41,7 @@ def stack_updates(updates: Sequence[ClientUpdate], p: torch.Tensor, scale: list[
 
 
 @register("flora")
-class FLoRA(AggregationRule):
+class FLoRA(MergingRule):
     """Stack, merge into the base weights, re-initialise the adapter."""
 
     name = "flora"

@@ -30,8 +30,9 @@ an exact SVD of the aggregated update computed at O((in + out) r^2) cost.
 per module (our reading: each layer its own p), i.e. the leading singular directions holding
 a share tau of the update's energy (squared Frobenius norm). Reading of "energy": squared
 singular values (we could not check whether the paper cumulates sigma_i or sigma_i^2). tau
-is ``RuleOptions.energy_threshold`` (default 0.9: our choice; the paper treats tau as a tunable
-knob trading accuracy for communication, and it is not a config key here yet). The global
+is ``[florist] energy_threshold`` (``RuleOptions.energy_threshold`` outside a run; default
+0.9: our choice; the paper treats tau as a tunable knob trading accuracy for communication).
+The global
 adapters are B_g = U_B U_M[:, :p] S[:p] (out x p) and A_g = V_M^T[:p] V_A^T (p x in), shared
 by all clients whatever their rank; tau = 1 keeps every nonzero direction and reproduces
 the weighted sum exactly.
@@ -63,8 +64,8 @@ import torch
 from prelort.adapters.state import Adapter, init_adapter
 from prelort.aggregation.base import (
     AggregationResult,
-    AggregationRule,
     ClientUpdate,
+    MergingRule,
     check_updates,
     data_weights,
     register,
@@ -92,14 +93,15 @@ def energy_rank(S: torch.Tensor, tau: float) -> int:
 
 
 @register("florist")
-class FLoRIST(AggregationRule):
+class FLoRIST(MergingRule):
     """Exact stacking, stacked-space SVD, energy thresholding; merged, fresh adapters."""
 
     name = "florist"
+    config_section = "florist"
 
     def aggregate(self, global_adapter: Adapter, updates: Sequence[ClientUpdate]) -> AggregationResult:
         max_rank = check_updates(global_adapter, updates)
-        tau = self.options.energy_threshold
+        tau = self.options.section.energy_threshold if self.options.section else self.options.energy_threshold
         if not 0.0 < tau <= 1.0:
             raise ValueError(f"FLoRIST energy threshold tau = {tau} must be in (0, 1]")
         p = data_weights(updates).tolist()

@@ -43,6 +43,7 @@ from collections.abc import Sequence
 
 import torch
 
+from prelort.adapters.nested import NestedLoRA
 from prelort.adapters.state import Adapter, LoRAPair
 from prelort.aggregation.base import (
     AggregationResult,
@@ -52,6 +53,7 @@ from prelort.aggregation.base import (
     data_weights,
     register,
 )
+from prelort.training.hetlora import SelfPruning
 
 
 def sparsity_weights(updates: Sequence[ClientUpdate], name: str, scale: list[float]) -> torch.Tensor:
@@ -74,6 +76,14 @@ class HetLoRA(AggregationRule):
     """
 
     name = "hetlora"
+    config_section = "hetlora"
+
+    def local_hook(self, nested: NestedLoRA, rank: int) -> SelfPruning:
+        """§3's local training: the tail regulariser, then self-pruning ([hetlora] options)."""
+        h = self.options.section
+        if h is None or h.min_rank is None:
+            raise ValueError("hetlora needs its resolved [hetlora] options (RuleOptions.section)")
+        return SelfPruning(nested, rank, h.lam, h.gamma, h.min_rank)
 
     def aggregate(self, global_adapter: Adapter, updates: Sequence[ClientUpdate]) -> AggregationResult:
         max_rank = check_updates(global_adapter, updates)

@@ -58,6 +58,8 @@ def segment_average(global_adapter: Adapter, updates: Sequence[ClientUpdate]) ->
 class SegmentWise(AggregationRule):
     """Segment-wise averaging in ``options.order`` (shared by ``segment`` and ``prelort``)."""
 
+    sum_form = True
+
     def aggregate(self, global_adapter: Adapter, updates: Sequence[ClientUpdate]) -> AggregationResult:
         return AggregationResult(self.finish_sums(segment_average(global_adapter, updates)))
 

@@ -19,7 +19,7 @@ def execute_run(
 ) -> dict[str, Any]:
     """Run (or resume) one in-process simulation in ``out`` with a checkpoint after every round;
     its results (``out/results.json``)."""
-    from prelort.federation.driver import run_in_folder
+    from prelort.federation.run_folder import run_in_folder
     from prelort.federation.simulator import make_driver
 
     driver = make_driver(cfg, workload, progress=progress)
@@ -52,12 +52,12 @@ def run_comparison(
     from prelort.federation.methods import METHODS, oracle_level, unused_keys
     from prelort.lock import run_lock
 
+    load_config(config, overrides)  # a bad config fails before any run starts (plugins imported)
     unknown = [m for m in methods if m not in METHODS and oracle_level(m) is None]
     if unknown:
         raise UserError(
             f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)} or fedit-rN"
         )
-    load_config(config, overrides)  # a bad config fails before any run starts
     from prelort.reporting import summarise, summary_markdown
     from prelort.reporting.files import atomic_write_text, write_json
     from prelort.reporting.plots import plot_summary

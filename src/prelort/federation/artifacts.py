@@ -70,8 +70,11 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_global(out_dir: str | Path, state: ServerState) -> None:
-    """Write the global adapter at rank R and, if any, the merged base-weight deltas."""
+def save_global(
+    out_dir: str | Path, state: ServerState, merged: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Write the global adapter at rank R and, if any, the weight deltas merged into the base
+    (``AggregationRule.merged`` of the state: FLoRA, FLoRIST)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -79,9 +82,8 @@ def save_global(out_dir: str | Path, state: ServerState) -> None:
         tensors[f"{name}.A"] = pair.A.detach().contiguous().float()
         tensors[f"{name}.B"] = pair.B.detach().contiguous().float()
     _write(out / ADAPTER_FILE, tensors, state.round)
-    if state.base_delta is not None:
-        # stored as a rank-less "adapter" with B = delta, A = I would be wasteful: plain tensors
-        delta = {k: v.detach().contiguous().float() for k, v in state.base_delta.items()}
+    if merged is not None:
+        delta = {k: v.detach().contiguous().float() for k, v in merged.items()}
         _write(out / BASE_DELTA_FILE, delta, state.round)
 
 

@@ -2,7 +2,7 @@
 
 Layout in the run directory::
 
-    checkpoints/round-000012/state.safetensors   adapter A/B (+ FLoRA base deltas)
+    checkpoints/round-000012/state.safetensors   adapter A/B and the rule's own state tensors
     checkpoints/round-000012/state.json          round, client ranks, results so far,
                                                  config fingerprint, checksums
     checkpoints/LATEST                           name of the newest committed checkpoint
@@ -22,7 +22,6 @@ writer are removed when a run starts in the folder. Client randomness is derived
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
@@ -42,13 +41,11 @@ from prelort.reporting.files import atomic_write_bytes, atomic_write_text, fsync
 
 CHECKPOINT_DIR = "checkpoints"
 KEEP = 2
-FORMAT = 2
+FORMAT = 3
 STATE_FILE = "state.json"
 TENSORS_FILE = "state.safetensors"
 LATEST_FILE = "LATEST"
 _NAME = re.compile(r"round-(\d{6,})")
-_KNOWN_FIELDS = ("round", "adapter", "client_ranks", "base_delta", "broadcast_bytes")
-"""ServerState fields stored by name; any other field is stored generically under ``extra``."""
 
 
 class CheckpointError(UserError):
@@ -69,36 +66,15 @@ def _meta_digest(meta: dict[str, Any]) -> str:
     return hashlib.sha256(_canonical({k: v for k, v in meta.items() if k != "sha256"})).hexdigest()
 
 
-def _is_tensor_dict(value: Any) -> bool:
-    return isinstance(value, dict) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
-    )
-
-
-def _encode(state: ServerState) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
-    """Tensors to store, JSON-able extra fields, and the names of tensor-dict extra fields."""
+def _encode(state: ServerState) -> dict[str, torch.Tensor]:
+    """The tensors to store: adapter factors (float32) and the rule state, bit for bit."""
     tensors: dict[str, torch.Tensor] = {}
     for name, pair in state.adapter.items():
         tensors[f"adapter/{name}/A"] = pair.A.detach().contiguous().float()
         tensors[f"adapter/{name}/B"] = pair.B.detach().contiguous().float()
-    for name, delta in (state.base_delta or {}).items():
-        tensors[f"base_delta/{name}"] = delta.detach().contiguous().float()
-    extra: dict[str, Any] = {}
-    tensor_fields: list[str] = []
-    for f in dataclasses.fields(state):
-        if f.name in _KNOWN_FIELDS:
-            continue
-        value = getattr(state, f.name)
-        if _is_tensor_dict(value):
-            tensor_fields.append(f.name)
-            for key, t in value.items():
-                tensors[f"extra/{f.name}/{key}"] = t.detach().contiguous()
-            continue
-        try:
-            extra[f.name] = json.loads(json.dumps(value))
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"checkpoint cannot store ServerState.{f.name}: {exc}") from None
-    return tensors, extra, tensor_fields
+    for key, t in state.rule_state.items():  # carried unopened (docs/design.md §6)
+        tensors[f"rule/{key}"] = t.detach().contiguous()
+    return tensors
 
 
 def save_checkpoint(
@@ -110,16 +86,11 @@ def save_checkpoint(
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = f"round-{state.round:06d}"
-    tensors, extra, tensor_fields = _encode(state)
-    blob = safetensors_bytes(tensors)
+    blob = safetensors_bytes(_encode(state))
     meta: dict[str, Any] = {
         "format": FORMAT,
         "round": state.round,
         "client_ranks": list(state.client_ranks),
-        "broadcast_bytes": state.broadcast_bytes,
-        "has_base_delta": state.base_delta is not None,
-        "extra": extra,
-        "extra_tensors": tensor_fields,
         "rounds": rounds,
         "config_sha256": config_fingerprint(cfg),
         "files": {TENSORS_FILE: hashlib.sha256(blob).hexdigest()},
@@ -163,10 +134,6 @@ def _schema_problem(meta: Any, cfg: Config, folder_round: int) -> str | None:
         "format": (int,),
         "round": (int,),
         "client_ranks": (list,),
-        "broadcast_bytes": (int,),
-        "has_base_delta": (bool,),
-        "extra": (dict,),
-        "extra_tensors": (list,),
         "rounds": (list,),
         "config_sha256": (str,),
         "files": (dict,),
@@ -182,8 +149,6 @@ def _schema_problem(meta: Any, cfg: Config, folder_round: int) -> str | None:
         return f"checkpoint format {meta['format']} (this prelort reads format {FORMAT})"
     if meta["round"] < 0 or meta["round"] != folder_round:
         return f"{STATE_FILE}: round {meta['round']} does not match the folder (round {folder_round})"
-    if meta["broadcast_bytes"] < 0:
-        return f"{STATE_FILE}: negative broadcast_bytes"
     ranks = meta["client_ranks"]
     n, top = cfg.clients.num_clients, cfg.max_rank
     if len(ranks) != n or not all(_is_int(r) and 1 <= r <= top for r in ranks):
@@ -196,8 +161,6 @@ def _schema_problem(meta: Any, cfg: Config, folder_round: int) -> str | None:
         return f"{STATE_FILE}: rounds {numbers[:3]}...{numbers[-1:]} do not end at round {meta['round']}"
     if set(meta["files"]) != {TENSORS_FILE} or not all(isinstance(v, str) for v in meta["files"].values()):
         return f"{STATE_FILE}: 'files' must name {TENSORS_FILE} and its checksum"
-    if not all(isinstance(x, str) for x in meta["extra_tensors"]):
-        return f"{STATE_FILE}: 'extra_tensors' must be field names"
     return None
 
 
@@ -235,17 +198,13 @@ def _read(folder: Path, cfg: Config) -> tuple[ServerState, list[dict[str, Any]]]
 def _decode(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> ServerState:
     """The ServerState of a checkpoint whose schema and checksums were checked."""
     adapter: dict[str, LoRAPair] = {}
-    base: dict[str, torch.Tensor] = {}
-    extra_t: dict[str, dict[str, torch.Tensor]] = {f: {} for f in meta["extra_tensors"]}
+    rule_state: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         kind, _, rest = key.partition("/")
         if kind == "adapter" and rest.endswith(("/A", "/B")):
             continue
-        if kind == "base_delta" and rest:
-            base[rest] = t
-        elif kind == "extra" and rest.partition("/")[0] in extra_t:
-            field, _, sub = rest.partition("/")
-            extra_t[field][sub] = t
+        if kind == "rule" and rest:
+            rule_state[rest] = t
         else:
             raise ValueError(f"unexpected tensor {key!r}")
     names = sorted(
@@ -255,36 +214,12 @@ def _decode(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> ServerSta
         raise ValueError("no adapter tensors")
     for name in names:
         adapter[name] = LoRAPair(tensors[f"adapter/{name}/A"], tensors[f"adapter/{name}/B"])
-    if base and not meta["has_base_delta"]:
-        raise ValueError("base_delta tensors but has_base_delta is false")
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(ServerState):
-        if f.name in _KNOWN_FIELDS:
-            continue
-        if f.name in extra_t:
-            kwargs[f.name] = extra_t[f.name]
-        elif f.name in meta["extra"]:
-            value = meta["extra"][f.name]
-            default = _default(f)
-            kwargs[f.name] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
-        elif _default(f) is dataclasses.MISSING:
-            raise KeyError(f"ServerState.{f.name} is not in the checkpoint")
     return ServerState(
         round=meta["round"],
         adapter=adapter,
         client_ranks=tuple(meta["client_ranks"]),
-        base_delta=base if meta["has_base_delta"] else None,
-        broadcast_bytes=meta["broadcast_bytes"],
-        **kwargs,
+        rule_state=dict(sorted(rule_state.items())),
     )
-
-
-def _default(f: dataclasses.Field[Any]) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return dataclasses.MISSING
 
 
 def clean_temporary(run_dir: str | Path, log: Callable[[str], Any] | None = None) -> list[Path]:

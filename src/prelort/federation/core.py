@@ -8,18 +8,17 @@ the paths cannot drift (docs/design.md §6).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from prelort.adapters.nested import NestedLoRA
 from prelort.adapters.state import Adapter, init_adapter
-from prelort.aggregation.base import AggregationResult, AggregationRule, ClientUpdate
+from prelort.aggregation.base import AggregationResult, AggregationRule, ClientUpdate, RuleState
 from prelort.aggregation.sumform import RowSums, apply_sums
 from prelort.federation.plan import RunPlan, generator_for
 from prelort.federation.privacy import clip_update
 from prelort.federation.workload import Workload
-from prelort.training.hetlora import make_regulariser, pruned_rank, tail_norm
 from prelort.training.local import Distiller, TrainStats, train_local
 
 
@@ -31,10 +30,9 @@ class ServerState:
     adapter: Adapter
     client_ranks: tuple[int, ...]
     """Current rank per client (capacities, lowered by HetLoRA's self-pruning)."""
-    base_delta: dict[str, torch.Tensor] | None = None
-    """Sum of weight deltas merged into the base so far (FLoRA)."""
-    broadcast_bytes: int = 0
-    """Extra bytes each client downloads next round (FLoRA's stack)."""
+    rule_state: RuleState = field(default_factory=dict)
+    """The aggregation rule's own state (``AggregationRule.init_state`` / ``update``), carried
+    unopened (docs/design.md §6)."""
 
 
 @dataclass(frozen=True)
@@ -43,10 +41,11 @@ class ClientResult:
     stats: TrainStats
 
 
-def initial_state(plan: RunPlan, shapes: dict[str, tuple[int, int]]) -> ServerState:
-    """Round-0 state: a fresh rank-R adapter (A random, B = 0) from the run's seed."""
+def initial_state(plan: RunPlan, shapes: dict[str, tuple[int, int]], rule: AggregationRule) -> ServerState:
+    """Round-0 state: a fresh rank-R adapter (A random, B = 0) from the run's seed, and the
+    rule's own initial state."""
     adapter = init_adapter(shapes, plan.max_rank, generator_for(plan.seed, "init"))
-    return ServerState(round=0, adapter=adapter, client_ranks=plan.ranks)
+    return ServerState(round=0, adapter=adapter, client_ranks=plan.ranks, rule_state=rule.init_state(adapter))
 
 
 def client_update(
@@ -65,28 +64,23 @@ def client_update(
     after self-pruning. Randomness (batches, sampled levels) comes from a generator seeded by
     (seed, round, client), so any process computes the same update.
     """
-    method, h = plan.method, plan.cfg.hetlora
     rank = next(iter(received.values())).rank
     nested.set_adapter(received)
     nested.set_rank(rank)
     gen = generator_for(plan.seed, "client", round_, client_id)
     batches = workload.batches(client_id, gen)
     train_cfg = plan.local_config(rank, round_)
-    floor = h.min_rank if h.min_rank is not None else min(plan.levels)
-    regulariser = make_regulariser(h.lam, h.gamma, min_rank=floor) if method.self_prune else None
-    before = float(tail_norm(nested, rank, h.gamma, min_rank=floor).detach()) if method.self_prune else 0.0
+    hook = plan.make_rule().local_hook(nested, rank)  # HetLoRA: regulariser + self-pruning
     distiller = workload if isinstance(workload, Distiller) else None  # train.distill: FjORD-style
     if train_cfg.distill > 0 and distiller is None:
         raise ValueError(
             f"train.distill needs a workload with distill_loss; {type(workload).__name__} has none"
         )
+    regulariser = hook.regulariser if hook is not None else None
     stats = train_local(
         nested, rank, plan.levels, batches, workload.loss, train_cfg, gen, regulariser, on_step, distiller
     )
-    new_rank = rank
-    if method.self_prune:
-        after = float(tail_norm(nested, rank, h.gamma, min_rank=floor).detach())
-        new_rank = pruned_rank(rank, before, after, h.gamma, floor)
+    new_rank = hook.rank_after() if hook is not None else rank
     adapter = nested.get_adapter(new_rank)
     if plan.privacy is not None and plan.privacy.clip is not None:  # client-level DP: ||change|| <= C
         adapter = clip_update(received, adapter, plan.privacy.clip)
@@ -109,24 +103,13 @@ def server_update(
         gen = generator_for(rule.options.seed, "rule", t)
     # the round lets a rule recompute per-client choices from (seed, round, client) (Fed-PLoRA)
     rule = type(rule)(replace(rule.options, generator=gen, round=t))
-    result = rule.aggregate(state.adapter, updates)
-    base = state.base_delta
-    if result.base_delta is not None:
-        if base is None:
-            base = {k: v.float().clone() for k, v in result.base_delta.items()}
-        else:
-            base = {k: base[k] + result.base_delta[k].float() for k in base}
+    adapter, rule_state, result = rule.update(state.adapter, state.rule_state, updates)
     ranks = list(state.client_ranks)
     for u in updates:
         if u.client_id is not None:
             ranks[u.client_id] = u.rank
     new = replace(
-        state,
-        round=state.round + 1,
-        adapter=result.adapter,
-        client_ranks=tuple(ranks),
-        base_delta=base,
-        broadcast_bytes=result.broadcast_bytes,
+        state, round=state.round + 1, adapter=adapter, client_ranks=tuple(ranks), rule_state=rule_state
     )
     return new, result
 

@@ -102,6 +102,16 @@ METHODS: dict[str, MethodSpec] = {
     )
 }
 
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` to ``METHODS`` (a plugin's method; its rule registered with
+    ``prelort.aggregation.register``); ValueError if the name is taken."""
+    if spec.name in METHODS or _ORACLE.fullmatch(spec.name):
+        raise ValueError(f"method {spec.name!r} registered twice")
+    METHODS[spec.name] = spec
+    return spec
+
+
 _ORACLE = re.compile(r"fedit-r([1-9][0-9]*)")
 
 
@@ -124,12 +134,13 @@ def resolve_order(spec: MethodSpec, configured: str) -> Order:
 NESTING_KEYS = frozenset({"train.nested_mode", "train.own_weight", "train.own_weight_final", "train.distill"})
 ORDER_KEYS = frozenset({"aggregation.order", "aggregation.split"})
 HETLORA_KEYS = frozenset({"hetlora.gamma", "hetlora.lam", "hetlora.min_rank"})
+FLORIST_KEYS = frozenset({"florist.energy_threshold"})
 
 
 def unused_keys(name: str) -> frozenset[str]:
     """Config keys (``section.key``) that method ``name`` never reads: the nesting keys for a
     method without (or with pinned) nesting, the order keys for a rule without an order,
-    HetLoRA's keys for every other method. ``prelort compare`` may reuse a finished run whose
+    HetLoRA's and FLoRIST's keys for every other method. ``prelort compare`` may reuse a finished run whose
     stored config differs from the current one only there (``config.same_config``)."""
     spec = get_method(name)
     out: set[str] = set()
@@ -139,6 +150,8 @@ def unused_keys(name: str) -> frozenset[str]:
         out |= ORDER_KEYS
     if not spec.self_prune:
         out |= HETLORA_KEYS
+    if spec.rule != "florist":
+        out |= FLORIST_KEYS
     return frozenset(out)
 
 

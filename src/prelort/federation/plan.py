@@ -8,30 +8,19 @@ the plan; nothing re-derives these values from the config (docs/design.md §6).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
 
 from prelort.adapters.state import Scaling
-from prelort.aggregation.base import AggregationRule, RuleOptions, get_rule
+from prelort.aggregation.base import RULES, AggregationRule, RuleOptions, get_rule
 from prelort.config import Config
 from prelort.federation.methods import MethodSpec, Order, get_method, resolve_order
 from prelort.federation.privacy import PrivacyPlan, resolve_privacy
+from prelort.seeding import derive_seed
+from prelort.seeding import generator_for as generator_for  # re-exported (federation.core, fed_plora)
 from prelort.training.local import Factors, LocalTrainConfig
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A stable 63-bit seed from parts (same in every process and platform)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def generator_for(*parts: int | str) -> torch.Generator:
-    """A torch generator seeded by ``derive_seed(*parts)``."""
-    return torch.Generator().manual_seed(derive_seed(*parts))
 
 
 def assign_ranks(cfg: Config) -> list[int]:
@@ -136,10 +125,16 @@ class RunPlan:
 
     def make_rule(self) -> AggregationRule:
         """A fresh instance of the method's aggregation rule."""
+        section_name = RULES[self.method.rule].config_section if self.method.rule in RULES else None
+        section = getattr(self.cfg, section_name) if section_name else None
         return get_rule(
             self.method.rule,
             RuleOptions(
-                scaling=self.scaling, seed=self.seed, order=self.order, split=self.cfg.aggregation.split
+                scaling=self.scaling,
+                seed=self.seed,
+                order=self.order,
+                split=self.cfg.aggregation.split,
+                section=section,
             ),
         )
 

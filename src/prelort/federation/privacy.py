@@ -40,6 +40,7 @@ from prelort.adapters.state import Adapter, LoRAPair
 from prelort.aggregation.sumform import RowSums
 from prelort.config import Config
 from prelort.errors import UserError
+from prelort.seeding import derive_seed
 
 
 @dataclass(frozen=True)
@@ -216,8 +217,6 @@ def owner_counts(ranks: Sequence[int], max_rank: int, rows: int) -> torch.Tensor
 def noise_generator(plan: PrivacyPlan, seed: int, round_: int) -> torch.Generator:
     """The server's noise source: seeded by (noise_seed, round) when ``noise_seed`` is set
     (reproducible, not secret), else by 63 bits of operating-system randomness."""
-    from prelort.federation.plan import derive_seed
-
     if plan.noise_seed is None:
         return torch.Generator().manual_seed(secrets.randbits(63))
     return torch.Generator().manual_seed(derive_seed(plan.noise_seed, "dp-noise", round_))

@@ -16,19 +16,12 @@ from typing import Any
 from prelort.adapters.nested import NestedLoRA
 from prelort.config import Config
 from prelort.federation.core import ClientResult, ServerState, client_update
-from prelort.federation.driver import (
-    ClientJob,
-    ClientOutcome,
-    RoundCallback,
-    RoundDriver,
-    RoundProgress,
-    StateCallback,
-    evaluate_per_rank,
-    folded,
-    results_dict,
-)
+from prelort.federation.driver import RoundCallback, RoundDriver, StateCallback, evaluate_per_rank
 from prelort.federation.plan import RunPlan, build_plan
+from prelort.federation.run_folder import results_dict
+from prelort.federation.transport import ClientJob, ClientOutcome
 from prelort.federation.workload import Workload
+from prelort.reporting.progress import RoundProgress
 
 ClientFn = Callable[..., ClientResult]
 
@@ -50,8 +43,8 @@ def build_nested(plan: RunPlan | Config, workload: Workload) -> NestedLoRA:
 
 
 class InProcessTransport:
-    """Runs each job's ``client_fn`` on the shared model, one client after another; a job's
-    ``fold`` is added to the base weights while its client trains and removed afterwards."""
+    """Runs each job's ``client_fn`` on the shared model, one client after another, with the
+    job's base delta on the base weights W0 while its client trains."""
 
     def __init__(
         self, plan: RunPlan, nested: NestedLoRA, workload: Workload, client_fn: ClientFn = client_update
@@ -69,16 +62,16 @@ class InProcessTransport:
                 self.view.client_started(i, job.client_id, state.client_ranks[job.client_id])
                 extra["on_step"] = self.view.step
             try:
-                with folded(self.nested, state.base_delta, job.fold):  # Fed-PLoRA: W0 (+ merged) + fold
-                    res = self.client_fn(
-                        self.nested,
-                        job.received,
-                        client_id=job.client_id,
-                        round_=round_,
-                        plan=self.plan,
-                        workload=self.workload,
-                        **extra,
-                    )
+                self.nested.set_base(job.base)  # W0 + the downlink's base delta (FLoRA, Fed-PLoRA)
+                res = self.client_fn(
+                    self.nested,
+                    job.received,
+                    client_id=job.client_id,
+                    round_=round_,
+                    plan=self.plan,
+                    workload=self.workload,
+                    **extra,
+                )
             except Exception as exc:  # an unreliable client must not stop the federation
                 outcomes.append(ClientOutcome(job.client_id, error=f"raised {type(exc).__name__}: {exc}"))
                 continue

@@ -16,6 +16,8 @@ the handlers send the message content to that long-lived process, which runs the
 ``handle`` on a workload and base model it keeps across messages, and return its reply; an
 error there (or an unreachable worker) raises here, so Flower sends an error reply and the
 server drops the client with the reason. Without ``worker`` the work runs in this process.
+The sending is ``call`` of ``prelort.flower.worker_protocol``: this module never imports
+``prelort.flower.worker`` (which imports ``handle`` from here), so they form no import cycle.
 
 A SuperNode starts a fresh ClientApp process per message, so without a worker the base
 model is loaded per message: LLMs load from the safetensors cache of
@@ -47,6 +49,7 @@ from flwr.clientapp import ClientApp
 from prelort.errors import ConfigError
 from prelort.flower.secure_client import is_secure, secure_mod, sum_reply
 from prelort.flower.settings import config_from_json, node_info_from_config
+from prelort.flower.worker_protocol import call
 
 if TYPE_CHECKING:
     import torch
@@ -71,20 +74,10 @@ class _Worker:
 
     workload: Workload
     nested: NestedLoRA
-    merged: frozenset[str] = frozenset()
-    """Modules whose base weights carry a merged delta (FLoRA)."""
 
     def sync_base(self, delta: dict[str, torch.Tensor] | None) -> None:
         """Base weights W = W0 + ``delta`` (W0 where ``delta`` is None or lacks a module)."""
-        import torch
-
-        target = dict(delta or {})
-        for name in self.merged - set(target):  # left over from an earlier run in this process
-            A, B = self.nested.factor(name)
-            target[name] = torch.zeros(B.shape[0], A.shape[1])
-        if target:
-            self.nested.set_base_delta(target)
-        self.merged = frozenset(delta or {})
+        self.nested.set_base(delta)
 
 
 _WORKERS: dict[str, _Worker] = {}
@@ -216,8 +209,6 @@ def _reply(op: str, msg: Message, context: Context) -> Message:
             raise ConfigError(
                 f"node config: {WORKER_KEY} must be an address like 'unix:/path/worker.sock', got {address!r}"
             )
-        from prelort.flower.worker import call
-
         content = call(address, op, msg.content, context.node_config)
     return Message(content, reply_to=msg)
 

@@ -59,9 +59,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prelort.cli import _fail, _os_error_line, _Parser
 from prelort.config import Config, config_to_dict, dump_toml, load_config
+from prelort.errors import UsageParser as _Parser
 from prelort.errors import UserError
+from prelort.errors import fail as _fail
+from prelort.errors import os_error_line as _os_error_line
 from prelort.flower.launch import CONNECTION, ENGINES, LocalFederation, Started, free_ports
 from prelort.flower.process_tree import descendants, processes_under
 

@@ -51,8 +51,8 @@ from prelort.flower.transport import FlowerTransport, send_and_receive
 
 if TYPE_CHECKING:
     from prelort.federation.core import ServerState
-    from prelort.federation.driver import ClientJob, RoundSums, SumSpec
     from prelort.federation.plan import RunPlan
+    from prelort.federation.transport import ClientJob, RoundSums, SumSpec
 
 log = logging.getLogger("flwr")
 
@@ -179,7 +179,7 @@ class SecureFlowerTransport(FlowerTransport):
     ) -> RoundSums:
         """One SecAgg+ round over the jobs' clients; the sum of the survivors' vectors."""
         from prelort.aggregation.sumform import RowSums
-        from prelort.federation.driver import RoundSums
+        from prelort.federation.transport import RoundSums
 
         started = time.perf_counter()
         contents: dict[int, RecordDict] = {}

@@ -98,8 +98,9 @@ def run_federation(
     saved; a run started again with the same ``out`` and config resumes after the last
     completed round.
     """
-    from prelort.federation.driver import RoundDriver, run_in_folder
+    from prelort.federation.driver import RoundDriver
     from prelort.federation.plan import build_plan
+    from prelort.federation.run_folder import run_in_folder
     from prelort.federation.simulator import build_nested
     from prelort.flower.transport import FlowerTransport
     from prelort.workloads import build_workload

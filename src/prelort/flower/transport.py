@@ -7,9 +7,9 @@ the in-process simulator) with this transport, which per round
 
 - sends client k (the SuperNode whose ``partition-id`` is k) one message with its downlink
   (``rule.downlink(global, r_k)``: the rank-r_k prefix, FlexLoRA's rank-r_k SVD factors, ...),
-  the run config, and for FLoRA the accumulated merged base delta, because a fresh ClientApp
-  process starts from the original base model (for Fed-PLoRA: the client's own fold of the
-  modules it does not train, added to that delta);
+  the run config, and the downlink's base delta where the rule gives one (FLoRA's merged
+  updates, because a fresh ClientApp process starts from the original base model; Fed-PLoRA's
+  fold of the modules the client does not train);
 - pushes the messages, pulls the replies until all are in or the round's deadline passes
   (``send_and_receive``), and turns each reply into a ``ClientOutcome``: an error reply or a
   malformed one becomes a dropped client with its reason, a missing one a timeout.
@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 from prelort.aggregation.base import ClientUpdate
 from prelort.config import Config
 from prelort.federation.core import ClientResult, ServerState
-from prelort.federation.driver import ClientJob, ClientOutcome
+from prelort.federation.transport import ClientJob, ClientOutcome
 from prelort.flower.records import (
     ADAPTER,
     BASE_DELTA,
@@ -93,9 +93,8 @@ class FlowerTransport:
         self._builds: dict[str, int] = {}  # process -> workloads it has built so far
 
     def messages(self, round_: int, state: ServerState, jobs: Sequence[ClientJob]) -> list[Message]:
-        """One TRAIN message per job with its downlink, the config and the base delta: FLoRA's
-        merged delta, plus the job's own fold where the rule folds (Fed-PLoRA), dense."""
-        shared = tensors_to_record(state.base_delta) if state.base_delta is not None else None
+        """One TRAIN message per job with its downlink, the config and, where the rule gives
+        one, the base delta (FLoRA's merged updates, Fed-PLoRA's fold), dense."""
         out = []
         self.wire_bytes_down = 0
         for job in jobs:
@@ -103,13 +102,8 @@ class FlowerTransport:
             conf = {"server-round": round_, "client-id": job.client_id, "prelort-config": self._config_json}
             content = RecordDict({ADAPTER: record, CONFIG: ConfigRecord(conf)})  # type: ignore[arg-type]
             self.wire_bytes_down += record.count_bytes()
-            base = shared
-            if job.fold:
-                merged = state.base_delta or {}
-                base = tensors_to_record(
-                    {k: merged[k] + v if k in merged else v for k, v in job.fold.items()}
-                )
-            if base is not None:
+            if job.base is not None:
+                base = tensors_to_record(job.base)
                 content[BASE_DELTA] = base
                 self.wire_bytes_down += base.count_bytes()
             out.append(

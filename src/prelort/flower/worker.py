@@ -10,161 +10,77 @@ and returns its answer, importing nothing but Flower itself.
     python -m prelort.flower.worker --address unix:/run/prelort/node-0.sock [--parent-pid PID]
     python -m prelort.flower.worker --port 7700            # 127.0.0.1:7700 (prefer a Unix socket)
 
-**Protocol** (one request per connection, served one at a time): the client sends two
-frames, each an 8-byte big-endian length and its bytes: a JSON header
+**Protocol** (``prelort.flower.worker_protocol``, whose names this module re-exports): one
+request per connection, served one at a time; the client sends a JSON header
 ``{"protocol": 1, "op": "train" | "evaluate", "node-config": {...}}`` and the message
-content, a ``RecordDict`` serialized with Flower's own serde (``recorddict_to_proto``, the
-protobuf Flower puts on the wire). The worker answers with the same two frames: the header
-``{"ok": true}`` and the reply's ``RecordDict``, or ``{"ok": false, "error": "<Type>:
-<message>"}`` and an empty body when the work (or the request) failed; the worker logs the
-traceback and goes on serving. The work is ``prelort.flower.client_app.handle``, the same
-function the ClientApp runs in-process without a worker.
+content (a ``RecordDict`` in Flower's own protobuf serde), each frame prefixed with its
+8-byte length. The worker answers with the header ``{"ok": true}`` and the reply's
+``RecordDict``, or ``{"ok": false, "error": "<Type>: <message>"}`` and an empty body when the
+work (or the request) failed; the worker logs the traceback and goes on serving. The work is
+``prelort.flower.client_app.handle``, the same function the ClientApp runs in-process
+without a worker; the ClientApp imports only the protocol module (its ``call``), never this
+one, so the two do not import each other.
 
 **Lifetime**: the worker binds its address at once (a Unix socket is created mode 0600,
 refusing to replace a live one), then imports torch, PEFT and PreLort's client code
 (``--no-preload``: on the first request); the workload and model are built on the first
 request of a config. It exits on SIGTERM / SIGINT and when its parent process (default: the
 process that started it; ``--parent-pid``: another one, 0: none) dies, and removes its
-socket file either way. This module imports only Flower and the standard library, so a
-ClientApp that only forwards stays light.
+socket file either way. At start this module imports only Flower, psutil and the standard
+library; torch, PEFT and the client code come with ``preload`` or the first request.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import signal
 import socket
 import stat
-import struct
 import sys
 import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import RecordDict
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-
+from prelort.flower.worker_protocol import (
+    MAX_HEADER_BYTES,
+    OPS,
+    PROTOCOL,
+    Address,
+    WorkerError,
+    call,
+    decode_content,
+    encode_content,
+    parse_address,
+    recv_frames,
+    send_frames,
+)
 from prelort.processes import pid_alive
 
-PROTOCOL = 1
-OPS = ("train", "evaluate")
-_LENGTH = struct.Struct(">Q")
-MAX_HEADER_BYTES = 1 << 20
-"""A header longer than this is refused (a client speaking something else)."""
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "OPS",
+    "PROTOCOL",
+    "Address",
+    "Worker",
+    "WorkerError",
+    "call",
+    "decode_content",
+    "encode_content",
+    "handle_request",
+    "main",
+    "parse_address",
+    "preload",
+    "recv_frames",
+    "send_frames",
+    "watch_parent",
+]
+"""The worker's own names and, re-exported, the protocol's (``prelort.flower.worker_protocol``)."""
 
 log = logging.getLogger("prelort.worker")
-
-Address = tuple[socket.AddressFamily, str | tuple[str, int]]
-
-
-class WorkerError(RuntimeError):
-    """The worker could not be reached, broke the protocol, or its work raised."""
-
-
-def parse_address(text: str) -> Address:
-    """``unix:/path.sock`` -> (AF_UNIX, path); ``host:port`` -> (AF_INET, (host, port))."""
-    if text.startswith("unix:"):
-        path = text[len("unix:") :]
-        if not path:
-            raise ValueError(f"worker address {text!r}: empty socket path")
-        return socket.AF_UNIX, path
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"worker address {text!r}: expected unix:/path/to.sock or host:port")
-    return socket.AF_INET, (host, int(port))
-
-
-# -- framing ---------------------------------------------------------------------------------------
-def encode_content(content: RecordDict) -> bytes:
-    """A message's ``RecordDict`` as Flower's protobuf bytes."""
-    data: bytes = recorddict_to_proto(content).SerializeToString()
-    return data
-
-
-def decode_content(data: bytes) -> RecordDict:
-    """Inverse of ``encode_content``."""
-    return recorddict_from_proto(ProtoRecordDict.FromString(data))
-
-
-def send_frames(sock: socket.socket, header: Mapping[str, Any], body: bytes) -> None:
-    """Send a JSON header and a body, each prefixed with its 8-byte length."""
-    head = json.dumps(dict(header)).encode()
-    sock.sendall(_LENGTH.pack(len(head)) + head + _LENGTH.pack(len(body)))
-    sock.sendall(body)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise ConnectionError(f"connection closed after {got} of {n} bytes")
-        got += k
-    return bytes(buf)
-
-
-def recv_frames(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
-    """Receive what ``send_frames`` sent: (header, body)."""
-    (n,) = _LENGTH.unpack(_recv_exact(sock, _LENGTH.size))
-    if n > MAX_HEADER_BYTES:
-        raise ValueError(f"header of {n} bytes (at most {MAX_HEADER_BYTES}): not a PreLort worker peer")
-    header = json.loads(_recv_exact(sock, n))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    (m,) = _LENGTH.unpack(_recv_exact(sock, _LENGTH.size))
-    return header, _recv_exact(sock, m)
-
-
-# -- the ClientApp's side ----------------------------------------------------------------------------
-def call(
-    address: str,
-    op: str,
-    content: RecordDict,
-    node_config: Mapping[str, bool | int | float | str],
-    *,
-    connect_timeout: float = 10.0,
-) -> RecordDict:
-    """Hand one message's work to the worker at ``address``; the reply's content.
-
-    Waits up to ``connect_timeout`` seconds for a worker that is still starting; raises
-    ``WorkerError`` if none answers, the connection breaks, or the work raised there.
-    """
-    try:
-        family, target = parse_address(address)
-    except ValueError as exc:
-        raise WorkerError(str(exc)) from None
-    deadline = time.monotonic() + connect_timeout
-    while True:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.connect(target)
-            break
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            sock.close()
-            if time.monotonic() > deadline:
-                raise WorkerError(f"no worker at {address} ({exc.strerror})") from None
-            time.sleep(0.05)
-        except OSError as exc:
-            sock.close()
-            raise WorkerError(f"cannot reach the worker at {address}: {exc}") from None
-    with sock:
-        try:
-            request = {"protocol": PROTOCOL, "op": op, "node-config": dict(node_config)}
-            send_frames(sock, request, encode_content(content))
-            header, body = recv_frames(sock)
-        except (OSError, ValueError) as exc:
-            raise WorkerError(f"the worker at {address} failed to answer: {exc}") from None
-    if header.get("ok") is not True:
-        raise WorkerError(f"the worker at {address}: {header.get('error', 'no reason given')}")
-    return decode_content(body)
 
 
 # -- the worker's side ------------------------------------------------------------------------------

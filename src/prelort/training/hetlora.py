@@ -99,3 +99,17 @@ def pruned_rank(rank: int, before: float, after: float, gamma: float, min_rank: 
     if after < before and target < rank:
         return target
     return rank
+
+
+class SelfPruning:
+    """HetLoRA's part in one client's local training (§3): the tail regulariser, and the rank
+    the client keeps after training (``pruned_rank`` of the tail norms before and after)."""
+
+    def __init__(self, nested: NestedLoRA, rank: int, lam: float, gamma: float, min_rank: int) -> None:
+        self.nested, self.rank, self.gamma, self.floor = nested, rank, gamma, min_rank
+        self.regulariser: Regulariser | None = make_regulariser(lam, gamma, min_rank=min_rank)
+        self.before = float(tail_norm(nested, rank, gamma, min_rank=min_rank).detach())
+
+    def rank_after(self) -> int:
+        after = float(tail_norm(self.nested, self.rank, self.gamma, min_rank=self.floor).detach())
+        return pruned_rank(self.rank, self.before, after, self.gamma, self.floor)
