@@ -12,9 +12,9 @@ from prelort.data.formatting import (
     has_chat_template,
 )
 from prelort.data.partition import PARTITION_SCHEMES, partition_indices, train_test_split
+from prelort.data.records import DOLLY_FIELDS
 from prelort.data.sources import (
     DATA_DIR_ENV,
-    DOLLY_FIELDS,
     SOURCES,
     bbc_news_dir,
     default_data_dir,

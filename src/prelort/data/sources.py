@@ -15,35 +15,28 @@ raises :class:`DataError` with one line naming the file and line.
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import inspect
-import io
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from prelort.data.examples import DataError, Example
+from prelort.data.readers import READERS, Record, read_jsonl
+from prelort.data.records import (
+    REQUIRED_ROLES,
+    field_text,
+    instruction_examples,
+    join_prompt,
+    limit_records,
+    resolve_fields,
+)
 from prelort.source_registry import SOURCES as SOURCES  # the registry, re-exported
 from prelort.source_registry import register_source as register_source
 
 SourceLoader = Callable[..., list[Example]]
-Record = dict[str, Any]
-Located = tuple[str, Record]  # (where: "file:line" or "file[item]", record)
-
 DATA_DIR_ENV = "PRELORT_DATA_DIR"
-DOLLY_FIELDS: dict[str, str | None] = {
-    "instruction": "instruction",
-    "input": "context",
-    "output": "response",
-    "category": "category",
-}
-"""Default field mapping of the ``local`` and ``hub`` sources (databricks-dolly-15k)."""
-
-_FIELD_ROLES = ("instruction", "input", "output", "category")
-_REQUIRED_ROLES = ("instruction", "output")
 
 
 def load_source(kind: str, **options: Any) -> list[Example]:
@@ -72,175 +65,6 @@ def default_data_dir() -> Path | None:
     if not path.is_dir():
         raise DataError(f"{DATA_DIR_ENV}={value} is not a directory; point it at the data folder")
     return path
-
-
-# --------------------------------------------------------------------------- readers
-
-
-def _read_text(path: Path) -> str:
-    """The file's text as UTF-8 (a BOM is allowed); DataError if missing, empty or not UTF-8."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; check the path")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x}); re-save the file as UTF-8"
-        ) from None
-    if not text.strip():
-        raise DataError(f"{path}: the file is empty; it needs at least one record")
-    return text
-
-
-def _read_jsonl(path: Path) -> list[Located]:
-    """One JSON object a line; blank lines are skipped."""
-    records: list[Located] = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno}); "
-                "each line must be one JSON object"
-            ) from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        records.append((f"{path}:{number}", record))
-    return records
-
-
-def _read_json(path: Path) -> list[Located]:
-    """A JSON array of objects."""
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
-    if not isinstance(data, list):
-        raise DataError(
-            f"{path}: expected a JSON array of objects, got {type(data).__name__}; "
-            "use .jsonl for one object a line"
-        )
-    records: list[Located] = []
-    for item, record in enumerate(data):
-        if not isinstance(record, dict):
-            raise DataError(f"{path}[{item}]: expected a JSON object, got {type(record).__name__}")
-        records.append((f"{path}[{item}]", record))
-    if not records:
-        raise DataError(f"{path}: the JSON array is empty; it needs at least one record")
-    return records
-
-
-def _read_csv(path: Path) -> list[Located]:
-    """A CSV file with a header row; ``where`` is the line on which each row ends."""
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
-    records: list[Located] = []
-    try:
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if None in row:
-                raise DataError(f"{where}: the row has more values than the header has columns")
-            records.append((where, {key: value for key, value in row.items() if value is not None}))
-    except csv.Error as err:
-        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
-    if not records:
-        raise DataError(f"{path}: the CSV file has a header but no rows")
-    return records
-
-
-_READERS: dict[str, Callable[[Path], list[Located]]] = {
-    ".json": _read_json,
-    ".jsonl": _read_jsonl,
-    ".csv": _read_csv,
-}
-
-
-# --------------------------------------------------------------------------- fields
-
-
-def _text(record: Record, field: str, where: str, *, required: bool = True, empty: bool = False) -> str:
-    """Field ``field`` of ``record`` as text.
-
-    DataError when ``required`` and missing, or when ``required`` and empty unless
-    ``empty`` allows it.
-    """
-    value = record.get(field)
-    if value is None:
-        if required:
-            raise DataError(f"{where}: missing field {field!r}; every record needs it")
-        return ""
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise DataError(f"{where}: field {field!r} must be text, got {type(value).__name__}")
-    text = str(value)
-    if required and not empty and not text.strip():
-        raise DataError(f"{where}: field {field!r} is empty; every record needs a value")
-    return text
-
-
-def _join(*parts: str) -> str:
-    """Join the non-empty parts of a prompt with a blank line."""
-    return "\n\n".join(part.strip() for part in parts if part.strip())
-
-
-def _resolve_fields(fields: Mapping[str, str | None] | None) -> dict[str, str | None]:
-    """Validate a field mapping {role: column}; None means the Dolly-15k mapping."""
-    if fields is None:
-        return dict(DOLLY_FIELDS)
-    unknown = sorted(set(fields) - set(_FIELD_ROLES))
-    if unknown:
-        raise DataError(f"unknown field role(s) {unknown} in fields; use {list(_FIELD_ROLES)}")
-    for role in _REQUIRED_ROLES:
-        if not fields.get(role):
-            raise DataError(f"fields must map {role!r} to a column name, e.g. fields={DOLLY_FIELDS}")
-    mapping: dict[str, str | None] = {role: fields.get(role) for role in _FIELD_ROLES}
-    for role, column in mapping.items():
-        if column is not None and not isinstance(column, str):
-            raise DataError(f"fields[{role!r}] must be a column name, got {column!r}")
-    return mapping
-
-
-def _instruction_examples(
-    records: Sequence[Located], fields: dict[str, str | None], source: str, *, strict: bool
-) -> list[Example]:
-    """Examples from instruction records (instruction, optional input, output, category).
-
-    With ``strict`` (a mapping the user gave), an optional column that no record has is
-    an error (most likely a typo); with the default mapping it just stays empty.
-    """
-    for role in ("input", "category"):
-        column = fields[role]
-        if strict and column is not None and not any(column in rec for _, rec in records):
-            raise DataError(
-                f"{source}: no record has the field {column!r} mapped to {role!r}; "
-                f"fix fields= or set fields[{role!r}] to None"
-            )
-    examples = []
-    for where, record in records:
-        instruction = _text(record, str(fields["instruction"]), where)
-        output = _text(record, str(fields["output"]), where)
-        input_column, category_column = fields["input"], fields["category"]
-        context = _text(record, input_column, where, required=False) if input_column else ""
-        category = _text(record, category_column, where, required=False) if category_column else ""
-        examples.append(
-            Example(
-                prompt=_join(instruction, context),
-                target=output,
-                references=(output,),
-                category=category,
-            )
-        )
-    return examples
-
-
-def _limit(records: list[Located], max_examples: int | None) -> list[Located]:
-    if max_examples is None:
-        return records
-    if max_examples < 1:
-        raise DataError(f"max_examples must be at least 1, got {max_examples}")
-    return records[:max_examples]
 
 
 # --------------------------------------------------------------------------- sources
@@ -306,7 +130,7 @@ def load_bbc_news(path: str | Path | None = None, max_chars: int = 1500) -> list
                 continue
             examples.append(
                 Example(
-                    prompt=_join("Article: " + _truncate(text, max_chars), question),
+                    prompt=join_prompt("Article: " + _truncate(text, max_chars), question),
                     target=topic,
                     references=(topic,),
                     choices=topics,
@@ -318,7 +142,7 @@ def load_bbc_news(path: str | Path | None = None, max_chars: int = 1500) -> list
 
 
 def _natural_instruction(where: str, record: Record) -> Example:
-    output = _text(record, "output", where)
+    output = field_text(record, "output", where)
     references = record.get("references", [output])
     if (
         not isinstance(references, list)
@@ -327,13 +151,13 @@ def _natural_instruction(where: str, record: Record) -> Example:
     ):
         raise DataError(f"{where}: field 'references' must be a non-empty list of strings")
     return Example(
-        prompt=_join(
-            _text(record, "definition", where, empty=True),
-            _text(record, "input", where, empty=True),
+        prompt=join_prompt(
+            field_text(record, "definition", where, empty=True),
+            field_text(record, "input", where, empty=True),
         ),
         target=output,
         references=tuple(references),
-        category=_text(record, "task", where),
+        category=field_text(record, "task", where),
     )
 
 
@@ -366,7 +190,7 @@ def load_natural_instructions(
     examples: list[Example] = []
     counts: dict[str, int] = {}
     for file in files:
-        for where, record in _read_jsonl(file):
+        for where, record in read_jsonl(file):
             example = _natural_instruction(where, record)
             if wanted is not None and example.category not in wanted:
                 continue
@@ -396,7 +220,7 @@ def load_multiple_choice(
     target is the correct choice, which is also the ``category``.
     """
     examples = []
-    for where, record in _limit(_read_jsonl(Path(path)), max_examples):
+    for where, record in limit_records(read_jsonl(Path(path)), max_examples):
         choices = record.get("choices")
         if (
             not isinstance(choices, list)
@@ -409,11 +233,11 @@ def load_multiple_choice(
             raise DataError(
                 f"{where}: field 'answer' must be an index into the {len(choices)} choices, got {answer!r}"
             )
-        definition = _text(record, "definition", where, required=False)
+        definition = field_text(record, "definition", where, required=False)
         options = _choice_block(choices) if show_choices else ""
         examples.append(
             Example(
-                prompt=_join(definition, _text(record, "input", where, empty=True), options),
+                prompt=join_prompt(definition, field_text(record, "input", where, empty=True), options),
                 target=choices[answer],
                 references=(choices[answer],),
                 choices=tuple(choices),
@@ -437,12 +261,12 @@ def load_local(
     instruction / context / response / category.
     """
     file = Path(path)
-    reader = _READERS.get(file.suffix.lower())
+    reader = READERS.get(file.suffix.lower())
     if reader is None:
-        raise DataError(f"{file}: unsupported file type; use one of {sorted(_READERS)}")
-    mapping = _resolve_fields(fields)
-    records = _limit(reader(file), max_examples)
-    return _instruction_examples(records, mapping, str(file), strict=fields is not None)
+        raise DataError(f"{file}: unsupported file type; use one of {sorted(READERS)}")
+    mapping = resolve_fields(fields)
+    records = limit_records(reader(file), max_examples)
+    return instruction_examples(records, mapping, str(file), strict=fields is not None)
 
 
 @register_source("hub")
@@ -461,7 +285,7 @@ def load_hub(
     """
     import datasets  # lazy: optional dependency
 
-    mapping = _resolve_fields(fields)
+    mapping = resolve_fields(fields)
     try:
         dataset = datasets.load_dataset(
             dataset_id,
@@ -478,7 +302,7 @@ def load_hub(
         ) from None
     if not isinstance(dataset, datasets.Dataset):
         raise DataError(f"hub dataset {dataset_id!r}: pass one split, e.g. split='train'")
-    required = [str(mapping[role]) for role in _REQUIRED_ROLES]
+    required = [str(mapping[role]) for role in REQUIRED_ROLES]
     missing = [column for column in required if column not in dataset.column_names]
     if missing:
         raise DataError(
@@ -490,4 +314,4 @@ def load_hub(
             raise DataError(f"max_examples must be at least 1, got {max_examples}")
         dataset = dataset.select(range(min(max_examples, len(dataset))))
     records = [(f"{dataset_id}[{i}]", dict(row)) for i, row in enumerate(dataset)]
-    return _instruction_examples(records, mapping, dataset_id, strict=fields is not None)
+    return instruction_examples(records, mapping, dataset_id, strict=fields is not None)

