@@ -52,6 +52,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             ROOT,  # only its own lazy table (``importlib``): ``import prelort`` imports nothing
             "prelort._lazy",
             "prelort.errors",
+            "prelort.atomic_files",  # atomic writes (results, checkpoints, adapters)
             "prelort.processes",
             "prelort.lock",
             "prelort.seeding",  # derive_seed, generator_for (issue #19: a pure bottom module)
@@ -102,10 +103,10 @@ entry places only ``prelort`` itself); every module must be placed."""
 
 ALLOWED: dict[tuple[str, str], str] = {
     ("prelort.config", "prelort.aggregation"): (
-        "config -> libraries, and a cycle (aggregation -> adapters.state -> reporting.files -> "
-        "config): Config._validate_privacy imports the rule table (and torch, lazily, only for a "
-        "[privacy] config) to ask a rule whether it aggregates from sums; that property belongs "
-        "in the method table (federation.methods) or a torch-free rule registry"
+        "config -> libraries (no cycle: the libraries write files through the bottom "
+        "atomic_files): Config._validate_privacy imports the rule registry lazily, only for a "
+        "[privacy] config, to ask the rule whether it has a sum form (AggregationRule.sum_form, "
+        "a property of the rule class, which needs torch)"
     ),
     ("prelort.source_registry", "prelort.data.examples"): (
         "bottom -> libraries, under TYPE_CHECKING only (the loader type returns list[Example]): "

@@ -55,7 +55,7 @@ def export_peft_adapter(
     from peft import LoraConfig
     from safetensors.torch import save
 
-    from prelort.reporting.files import atomic_write_bytes
+    from prelort.atomic_files import atomic_write_bytes
 
     r = adapter_rank(adapter)
     targets = sorted(target_modules) if target_modules else short_target_modules(list(adapter))

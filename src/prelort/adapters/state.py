@@ -122,7 +122,7 @@ def save_adapter(adapter: Adapter, path: str | Path, metadata: dict[str, str] | 
     """Save as safetensors (``<module>.A`` / ``<module>.B``), atomically."""
     from safetensors.torch import save
 
-    from prelort.reporting.files import atomic_write_bytes
+    from prelort.atomic_files import atomic_write_bytes
 
     tensors = {}
     for name, pair in adapter.items():

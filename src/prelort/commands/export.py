@@ -25,9 +25,9 @@ def export_run_levels(
     ``UserError`` line.
     """
     from prelort.adapters.levels import export_all_levels, model_card, read_record
+    from prelort.atomic_files import atomic_write_text
     from prelort.federation.methods import get_method
     from prelort.federation.plan import build_plan
-    from prelort.reporting.files import atomic_write_text
 
     plan = build_plan(cfg)
     rule = plan.make_rule()

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from prelort.adapters.state import Adapter, LoRAPair
+from prelort.atomic_files import atomic_write_bytes
 from prelort.federation.core import ServerState
-from prelort.reporting.files import atomic_write_bytes
 
 ADAPTER_FILE = "global_adapter.safetensors"
 BASE_DELTA_FILE = "base_delta.safetensors"

@@ -34,10 +34,10 @@ from typing import Any
 import torch
 
 from prelort.adapters.state import LoRAPair
+from prelort.atomic_files import atomic_write_bytes, atomic_write_text, fsync_dir, umask_mode
 from prelort.config import Config, config_to_dict, dump_toml
 from prelort.errors import UserError
 from prelort.federation.core import ServerState
-from prelort.reporting.files import atomic_write_bytes, atomic_write_text, fsync_dir, umask_mode
 
 CHECKPOINT_DIR = "checkpoints"
 KEEP = 2
