@@ -75,12 +75,20 @@ def test_truncation_gives_no_gradient_beyond_r() -> None:
 
 
 def test_fixed_scaling_prefixes_are_partial_sums() -> None:
+    """Under fixed scaling the model at rank r is W0 x + s sum_{i<r} B[:, i] A[i] x, so the
+    rank-8 model's fc1 output minus the rank-4 one's is s B[:, 4:] A[4:] x (run on the model)."""
     nested = _nested("fixed")
-    A, B = nested.factor("fc1")
+    A, B = (t.detach().clone() for t in nested.factor("fc1"))
+    fc1 = nested.layers["fc1"]
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(4))
+    outs = {}
+    with torch.no_grad():
+        for r in (4, 8):
+            nested.set_rank(r)
+            outs[r] = fc1(x)
     s = nested.scaling(8)
-    d4 = s * B[:, :4] @ A[:4]
-    d8 = s * B @ A
-    torch.testing.assert_close(d8 - d4, s * B[:, 4:] @ A[4:])
+    assert s == nested.scaling(4)  # fixed: alpha / R at every rank
+    torch.testing.assert_close(outs[8] - outs[4], s * x @ A[4:].T @ B[:, 4:].T, rtol=1e-5, atol=1e-6)
 
 
 def test_get_set_adapter_roundtrip_and_prefix_zeroing() -> None:
