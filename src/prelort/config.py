@@ -140,6 +140,13 @@ class Config:
 
         self.synthetic.validate()
         self.workload.validate()
+        if self.workload.kind == "synthetic" and (
+            self.train.gradient_checkpointing or self.train.autocast == "fp16"
+        ):
+            raise ConfigError(
+                "train.gradient_checkpointing and train.autocast = 'fp16' need an LLM workload (a Hugging "
+                "Face model on CUDA); the synthetic workload has neither"
+            )
         llm = self.llm
         llm.validate()
         if self.workload.kind == "llm" and needs_path(llm.source) and not llm.path:

@@ -59,3 +59,11 @@ def _real(
             where = ""
         what = f"a finite number {where}".rstrip()
         raise ConfigError(f"{key} = {value!r} must be {what}{'; ' + hint if hint else ''}")
+
+
+def _scale_options(grad_accum: int, lr_schedule: str, warmup_steps: int, autocast: str) -> None:
+    """[train]'s accumulation, schedule and precision keys (``TrainSection.validate``)."""
+    _int_at_least("train.grad_accum", grad_accum, 1, hint="1: no gradient accumulation")
+    _int_at_least("train.warmup_steps", warmup_steps, 0, hint="0: no warm-up")
+    _choice("train.lr_schedule", lr_schedule, ("constant", "linear", "cosine"))
+    _choice("train.autocast", autocast, ("none", "bf16", "fp16"))

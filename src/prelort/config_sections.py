@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from prelort.config_checks import _choice as _choice  # re-exported: prelort.config imports it here
-from prelort.config_checks import _int_at_least, _real, _seed
+from prelort.config_checks import _int_at_least, _real, _scale_options, _seed
 from prelort.errors import ConfigError
 from prelort.source_registry import source_names
 
@@ -147,6 +147,18 @@ class TrainSection:
     ``steps`` forward/backward passes (a nested ``all`` client with |L_k| levels gets
     max(1, round(steps / |L_k|)) steps, a ``sandwich`` client with more than one level
     max(1, round(steps / 2))), so methods are compared at matched compute."""
+    grad_accum: int = 1
+    """Micro-batches (of ``batch_size``) per optimiser step, each loss divided by it: one step
+    on the concatenated batch. ``steps`` counts optimiser steps, so a client makes about
+    ``steps * grad_accum`` passes of one micro-batch (``TrainStats.passes``)."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning rate over a client's local steps of each round (transformers.get_scheduler)."""
+    warmup_steps: int = 0
+    """Optimiser steps of linear warm-up from 0 at the start of each client's round."""
+    autocast: Literal["none", "bf16", "fp16"] = "none"
+    """torch.autocast of the forward passes: bf16 (CUDA or CPU), fp16 (CUDA, GradScaler)."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing of the HF model (llm workload; use_reentrant=False)."""
 
     def validate(self) -> None:
         """Checks of [train] (``factors`` with the aggregation order: ``Config.validate``)."""
@@ -184,6 +196,7 @@ class TrainSection:
                 lo_open=True,
                 hint="omit it for no clipping",
             )
+        _scale_options(self.grad_accum, self.lr_schedule, self.warmup_steps, self.autocast)
 
 
 @dataclass

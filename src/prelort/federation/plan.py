@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -154,6 +155,11 @@ class RunPlan:
     def local_steps(self, rank: int) -> int:
         """Optimiser steps of a client of ``rank`` (docs/design.md §3).
 
+        A step accumulates ``train.grad_accum`` = k micro-batches, each making the passes
+        counted below, so k multiplies every client's passes alike and the steps do not depend
+        on it: ``train.steps`` counts optimiser steps, and under ``"passes"`` every client makes
+        about ``steps * k`` micro-batch passes (``TrainStats.passes``).
+
         ``train.budget = "passes"``: a nested ``all`` client makes |L_k| passes per step, so it
         gets max(1, round(steps / |L_k|)) steps; a nested ``sandwich`` client with more than one
         level makes 2, so it gets max(1, round(steps / 2)); every other client ``steps`` (one
@@ -187,6 +193,7 @@ class RunPlan:
                 mode=pinned[0],
                 own_weight=pinned[1],
                 max_grad_norm=t.max_grad_norm,
+                **self._scale_options(),
             )
         if t.own_weight_final is not None and own not in ("equal", "geometric"):
             rounds = self.cfg.run.rounds
@@ -206,7 +213,20 @@ class RunPlan:
             max_grad_norm=t.max_grad_norm,
             factors=factors,
             distill=t.distill if self.method.nested else 0.0,
+            **self._scale_options(),
         )
+
+    def _scale_options(self) -> dict[str, Any]:
+        """``train.grad_accum``, ``lr_schedule``, ``warmup_steps``, ``autocast`` and
+        ``gradient_checkpointing`` for ``LocalTrainConfig`` (the same for every client)."""
+        t = self.cfg.train
+        return {
+            "grad_accum": t.grad_accum,
+            "lr_schedule": t.lr_schedule,
+            "warmup_steps": t.warmup_steps,
+            "autocast": t.autocast,
+            "gradient_checkpointing": t.gradient_checkpointing,
+        }
 
     def with_ranks(self, capacities: Sequence[int]) -> RunPlan:
         """The plan with other capacities (Flower: the ranks the SuperNodes reported)."""

@@ -20,11 +20,22 @@ with the teacher ``out(r_k)`` the detached output of the same step's own-rank pa
 self-distillation; no extra pass). Every optimiser step is masked to the largest truncation
 that produced the gradient (``MaskedAdamW``). ``factors`` restricts training to B (A frozen,
 FFA-LoRA) or to A. A pass is one forward + backward; ``TrainStats`` counts passes and examples.
+
+Scale options (``training.schedule``): ``grad_accum`` = k makes every optimiser step
+accumulate the gradients of k micro-batches, each micro-batch's objective divided by k, so a
+step on k micro-batches of size b is the step on their concatenation (size k b) when the loss
+is a mean; the levels of a step are drawn once and every micro-batch goes through them, and
+``steps`` counts optimiser steps (k times the passes and examples of one micro-batch each).
+``lr_schedule``/``warmup_steps``: a ``transformers`` schedule stepped once per optimiser step
+over the round's ``steps``; ``autocast``: ``torch.autocast`` around the forward passes
+(``fp16`` with a gradient scaler, CUDA only); ``gradient_checkpointing``: the model must
+already have it on (``LLMWorkload.build_model``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -32,7 +43,16 @@ import torch
 from torch import nn
 
 from prelort.adapters.nested import NestedLoRA
+from prelort.errors import ConfigError
 from prelort.training.optim import MaskedAdamW
+from prelort.training.schedule import (
+    Autocast,
+    LRSchedule,
+    autocast_context,
+    make_grad_scaler,
+    make_scheduler,
+    uses_gradient_checkpointing,
+)
 
 TrainMode = Literal["plain", "all", "sample", "sandwich", "matryoshka"]
 Factors = Literal["both", "A", "B"]
@@ -56,6 +76,16 @@ class LocalTrainConfig:
     """Which factors are trained: both, only A (B frozen) or only B (A frozen)."""
     distill: float = 0.0
     """lambda of the self-distillation at lower levels (``sandwich`` and ``all``; 0: off)."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step (each objective divided by it); 1: no accumulation."""
+    lr_schedule: LRSchedule = "constant"
+    """Learning rate over the round's ``steps`` (``training.schedule.make_scheduler``)."""
+    warmup_steps: int = 0
+    """Optimiser steps of linear warm-up from 0 at the start of every round."""
+    autocast: Autocast = "none"
+    """Mixed precision of the forward passes: none, bf16 (CUDA or CPU) or fp16 (CUDA)."""
+    gradient_checkpointing: bool = False
+    """The model has activation checkpointing on (checked: ``train_local`` raises if not)."""
 
 
 @runtime_checkable
@@ -84,9 +114,10 @@ class TrainStats:
     steps: int
     loss_per_level: dict[int, float]
     passes: int = 0
-    """Forward/backward passes (``all`` mode: |L_k| per step)."""
+    """Forward/backward passes of one micro-batch each (``all`` mode: |L_k| per micro-batch,
+    ``grad_accum`` micro-batches per step)."""
     examples: int = 0
-    """Training examples drawn (batch sizes summed over steps)."""
+    """Training examples drawn (micro-batch sizes summed over steps)."""
 
 
 def level_distribution(
@@ -163,12 +194,23 @@ def train_local(
     on_step: Callable[[], None] | None = None,
     distiller: Distiller | None = None,
 ) -> TrainStats:
-    """Train ``nested`` (already holding the client's prefix) for ``config.steps`` steps.
+    """Train ``nested`` (already holding the client's prefix) for ``config.steps`` optimiser
+    steps of ``config.grad_accum`` micro-batches each.
 
     ``on_step`` is called after every optimiser step (progress display). ``distiller``
     computes the losses when ``config.distill`` > 0 in ``sandwich`` or ``all`` mode (required
     then). Losses in ``TrainStats`` are task losses (no distillation term).
     """
+    accum = config.grad_accum
+    if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
+        raise ConfigError(f"train.grad_accum = {accum!r} must be a positive integer")
+    if config.gradient_checkpointing and not uses_gradient_checkpointing(nested.model):
+        raise ConfigError(
+            "train.gradient_checkpointing = true, but this workload's model has no gradient "
+            "checkpointing (only Hugging Face models of the llm workload); set it to false"
+        )
+    forward_context = autocast_context(config.autocast, nested.model)
+    scaler = make_grad_scaler(config.autocast, nested.model)
     trained_dims = {"both": (0, 1), "A": (0,), "B": (1,)}[config.factors]
     params = [(p, d) for p, d in nested.parameters_with_rank_dim() if d in trained_dims]
     for p, _ in params:
@@ -176,6 +218,7 @@ def train_local(
     opt = MaskedAdamW(
         params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
     )
+    scheduler = make_scheduler(opt, config.lr_schedule, config.warmup_steps, config.steps)
     mode = config.mode
     dist = level_distribution(rank, levels, config.own_weight) if mode != "plain" else {rank: 1.0}
     if mode in ("sandwich", "matryoshka") and len(dist) == 1:
@@ -199,8 +242,8 @@ def train_local(
     nested.model.train()
     try:
         for _ in range(config.steps):
-            batch = next(batches)
-            examples += batch_size(batch)
+            micro = [next(batches) for _ in range(accum)]  # drawn before the levels, as at k = 1
+            examples += sum(batch_size(b) for b in micro)
             if mode == "sample":
                 pick = int(torch.multinomial(probs, 1, generator=generator).item())
                 plan = [(lv_list[pick], 1.0)]
@@ -216,35 +259,36 @@ def train_local(
                 plan = list(dist.items())
             opt.zero_grad()
             step_loss = 0.0
-            teacher: torch.Tensor | None = None
-            for lv, weight in plan:
-                if mode != "matryoshka":
-                    nested.set_rank(lv)
-                if use_distill:
-                    assert distiller is not None
-                    out = distiller.outputs(nested.model, batch)
-                    loss = distiller.output_loss(out, batch)
-                    if lv == rank:
-                        teacher = out.detach()
-                        obj = loss * weight
-                    else:
-                        assert teacher is not None
-                        kd = distiller.distill_loss(out, teacher, batch)
-                        obj = ((1.0 - lam) * loss + lam * kd) * weight
-                else:
-                    loss = loss_fn(nested.model, batch)
-                    obj = loss * weight
-                if regulariser is not None and lv == rank:
-                    obj = obj + regulariser(nested, rank)
-                obj.backward()  # type: ignore[no-untyped-call]
-                value = float(loss.detach())
-                sums[lv] = sums.get(lv, 0.0) + value
-                counts[lv] = counts.get(lv, 0) + 1
-                passes += 1
-                step_loss += weight * value
+            for batch in micro:
+                step_loss += _accumulate(
+                    nested,
+                    rank,
+                    plan,
+                    batch,
+                    loss_fn,
+                    mode,
+                    lam if use_distill else None,
+                    distiller,
+                    regulariser,
+                    accum,
+                    forward_context,
+                    scaler,
+                    sums,
+                    counts,
+                )
+                passes += len(plan)
+            if scaler is not None:
+                scaler.unscale_(opt)
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for p, _ in params], config.max_grad_norm)
-            opt.step(max(lv for lv, _ in plan))
+            top = max(lv for lv, _ in plan)
+            if scaler is not None:
+                scaler.step(opt, top)
+                scaler.update()
+            else:
+                opt.step(top)
+            if scheduler is not None:
+                scheduler.step()
             total += step_loss
             if on_step is not None:
                 on_step()
@@ -264,6 +308,58 @@ def train_local(
         passes=passes,
         examples=examples,
     )
+
+
+def _accumulate(
+    nested: NestedLoRA,
+    rank: int,
+    plan: Sequence[tuple[int, float]],
+    batch: Any,
+    loss_fn: LossFn,
+    mode: str,
+    lam: float | None,
+    distiller: Distiller | None,
+    regulariser: Regulariser | None,
+    accum: int,
+    forward_context: Callable[[], AbstractContextManager[Any]],
+    scaler: torch.amp.GradScaler | None,
+    sums: dict[int, float],
+    counts: dict[int, int],
+) -> float:
+    """The passes of one micro-batch through the step's ``plan`` of (level, weight): each
+    objective (divided by ``accum`` when it is above 1) is back-propagated into the factors'
+    gradients; ``lam`` is the distillation weight (None: no distillation). Returns the
+    micro-batch's weighted task loss divided by ``accum`` (adds to the step's mean loss)."""
+    step_loss = 0.0
+    teacher: torch.Tensor | None = None
+    for lv, weight in plan:
+        if mode != "matryoshka":
+            nested.set_rank(lv)
+        with forward_context():
+            if lam is not None:
+                assert distiller is not None
+                out = distiller.outputs(nested.model, batch)
+                loss = distiller.output_loss(out, batch)
+                if lv == rank:
+                    teacher = out.detach()
+                    obj = loss * weight
+                else:
+                    assert teacher is not None
+                    kd = distiller.distill_loss(out, teacher, batch)
+                    obj = ((1.0 - lam) * loss + lam * kd) * weight
+            else:
+                loss = loss_fn(nested.model, batch)
+                obj = loss * weight
+        if regulariser is not None and lv == rank:
+            obj = obj + regulariser(nested, rank)
+        if accum > 1:
+            obj = obj / accum
+        (scaler.scale(obj) if scaler is not None else obj).backward()  # type: ignore[no-untyped-call]
+        value = float(loss.detach())
+        sums[lv] = sums.get(lv, 0.0) + value
+        counts[lv] = counts.get(lv, 0) + 1
+        step_loss += weight * value
+    return step_loss / accum if accum > 1 else step_loss
 
 
 def batch_size(batch: Any) -> int:

@@ -84,6 +84,8 @@ class LLMWorkload:
         self.cfg = s
         self.num_clients = cfg.clients.num_clients
         self.batch_size = cfg.train.batch_size
+        self.gradient_checkpointing = cfg.train.gradient_checkpointing
+        self.autocast = cfg.train.autocast
         self._load = lambda: load_causal_lm(
             s.model, dtype=s.dtype, device=s.device, cache_dir=s.cache_dir or None
         )
@@ -127,12 +129,20 @@ class LLMWorkload:
         )
 
     def build_model(self) -> nn.Module:
-        """The loaded base model (first call), then a fresh load for every later run."""
+        """The loaded base model (first call), then a fresh load for every later run; with
+        ``train.gradient_checkpointing`` its activation checkpointing is on (a ``ConfigError``
+        for a model without it). ``train.autocast = "fp16"`` off CUDA is a ``UserError`` here,
+        before any client trains."""
+        from prelort.training.schedule import autocast_context, enable_gradient_checkpointing
+
         if self._model is not None:
             model, self._model = self._model, None
-            return model
-        fresh: nn.Module = self._load()[0]
-        return fresh
+        else:
+            model = self._load()[0]
+        autocast_context(self.autocast, model)  # raises for fp16 on a device without it
+        if self.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        return model
 
     def num_examples(self, client: int) -> int:
         return len(self.features[client])
