@@ -254,3 +254,43 @@ def test_plugin_method_on_flowers_simulation_engine(
     assert res["method"] == "momentum" and res["engine"]["name"] == "flower"
     for level, metrics in ref["final"]["per_rank"].items():
         assert res["final"]["per_rank"][level] == pytest.approx(metrics, rel=1e-5), level
+
+
+@pytest.mark.integration
+def test_plugin_method_on_the_simulation_engine_killed_and_resumed_is_bit_identical(tmp_path: Path) -> None:
+    """``prelort run --runtime flower-simulation`` SIGTERMed (the launcher stops the whole
+    federation) after a checkpoint, then started again with the same ``--out``: it resumes and
+    ends with the bytes of an uninterrupted simulation-engine run."""
+    pytest.importorskip("ray")
+    from prelort.adapters import load_adapter
+
+    sets = [*SETS, "run.rounds=4", "clients.num_clients=3", "train.steps=4"]
+    args = ["run", "--runtime", "flower-simulation", "--nodes", "3", "--workers", "1", "--quiet"]
+    args += ["--config", "configs/synthetic.toml", "--timeout", "300"]
+    args += [a for s in sets for a in ("--set", s)]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    done = _cli(*args, "--out", str(ref))
+    assert done.wait(timeout=400) == 0, done.communicate()[1]
+
+    proc = _cli(*args, "--out", str(killed))
+    latest = killed / "checkpoints" / "LATEST"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (latest.is_file() and latest.read_text() >= "round-000002"):
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert not (killed / "results.json").exists()
+    import json
+
+    saved = json.loads((killed / "checkpoints" / latest.read_text().strip() / "state.json").read_text())
+
+    again = _cli(*args, "--out", str(killed))
+    _, err = again.communicate(timeout=400)
+    assert again.returncode == 0, err
+    rounds = json.loads((killed / "results.json").read_text())["rounds"]
+    k = len(saved["rounds"])
+    assert k >= 3 and rounds[:k] == saved["rounds"]  # resumed: the killed run's records (timings) kept
+    a, b = (load_adapter(p / "global_adapter.safetensors") for p in (ref, killed))
+    for name in a:
+        assert torch.equal(a[name].A, b[name].A) and torch.equal(a[name].B, b[name].B)
