@@ -264,7 +264,7 @@ def test_plugin_method_on_the_simulation_engine_killed_and_resumed_is_bit_identi
     pytest.importorskip("ray")
     from prelort.adapters import load_adapter
 
-    sets = [*SETS, "run.rounds=4", "clients.num_clients=3", "train.steps=4"]
+    sets = [*SETS, "run.rounds=6", "clients.num_clients=3", "train.steps=4"]
     args = ["run", "--runtime", "flower-simulation", "--nodes", "3", "--workers", "1", "--quiet"]
     args += ["--config", "configs/synthetic.toml", "--timeout", "300"]
     args += [a for s in sets for a in ("--set", s)]

@@ -384,6 +384,11 @@ class LocalFederation:
         for s in self.processes:
             if s.proc.poll() is None:
                 tree += descendants(s.proc.pid)
+        started = {s.proc.pid for s in self.processes}
+        # The apps (SuperExec, ServerApp, flwr-simulation) first: a ServerApp left running while
+        # the SuperLink shuts down goes on with its rounds (a simulation runs its own clients)
+        # and could finish and write results after `close` was called.
+        stop(set(tree) - started, timeout=grace)
         for s in reversed(self.processes):  # SuperNodes and the CLI first, SuperLink last
             if s.proc.poll() is None:
                 s.proc.send_signal(signal.SIGTERM)
@@ -396,7 +401,6 @@ class LocalFederation:
                 s.proc.wait(timeout=5)
         # Children that outlived their parent (the SuperLink's SuperExec runs in its own session,
         # a refused SuperNode's SuperExec is orphaned), found by pid or by their FLWR_HOME.
-        started = {s.proc.pid for s in self.processes}
         stop({*tree, *processes_under(self.workdir)} - started, timeout=5)
         self.processes.clear()
         if self.worker_dir is not None:
