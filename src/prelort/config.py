@@ -153,6 +153,16 @@ class Config:
             raise ConfigError(
                 f"llm.path is required for llm.source = {llm.source!r} (a file, folder or hub id)"
             )
+        if (
+            self.workload.kind == "llm"
+            and llm.eval_source
+            and needs_path(llm.eval_source)
+            and not (llm.eval_path or llm.path)
+        ):
+            raise ConfigError(
+                f"llm.eval_path is required for llm.eval_source = {llm.eval_source!r} "
+                "(a file, folder or hub id)"
+            )
         if self.privacy is not None:
             self._validate_privacy(self.privacy, spec.rule)
 

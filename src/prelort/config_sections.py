@@ -300,6 +300,21 @@ class LLMSection:
     fields: dict[str, str] = field(default_factory=dict)
     """local / hub: role -> column (instruction, input, output, category)."""
     split: str = "train"
+    """hub: the split ``datasets.load_dataset`` returns."""
+    name: str = ""
+    """hub: the dataset's configuration name (``datasets.load_dataset(path, name)``); empty: none."""
+    data_files: list[str] = field(default_factory=list)
+    """hub: ``data_files`` of ``datasets.load_dataset`` (with llm.path = json / csv / parquet)."""
+    eval_source: str = ""
+    """A separate evaluation set: a registered source, read with llm.eval_path / llm.eval_split
+    and the same fields (llm.test_examples of it, a seeded sample); empty: llm.test_examples
+    are held out of llm.source."""
+    eval_path: str = ""
+    """File, folder or dataset id of llm.eval_source (empty: llm.path)."""
+    eval_split: str = ""
+    """Split of llm.eval_source (empty: llm.split)."""
+    eval_data_files: list[str] = field(default_factory=list)
+    """``data_files`` of llm.eval_source (empty: llm.data_files)."""
     max_per_task: int = 0
     max_examples: int = 0
     """Random subset of this many examples before splitting (0: all)."""
@@ -316,13 +331,17 @@ class LLMSection:
     data_seed: int | None = None
     """Seed of the subset, partition and test split; None: the run's seed."""
 
-    CHOICES: ClassVar[dict[str, Callable[[], Sequence[str]]]] = {"source": source_names}
+    CHOICES: ClassVar[dict[str, Callable[[], Sequence[str]]]] = {
+        "source": source_names,
+        "eval_source": lambda: ("", *source_names()),
+    }
     """Keys whose choices are known only when the config is read (a registry): the config
     loader checks them as it checks a ``Literal``'s, before their type."""
 
     def validate(self) -> None:
         """Checks of [llm] (``path`` with the workload: ``Config.validate``)."""
         _choice("llm.source", self.source, source_names())
+        _choice("llm.eval_source", self.eval_source, ("", *source_names()))
         if not self.model.strip():
             raise ConfigError("llm.model is empty; give an alias (smollm2-135m), a model folder or a hub id")
         _int_at_least("llm.max_per_task", self.max_per_task, 0, hint="0: all")
@@ -331,7 +350,7 @@ class LLMSection:
             _int_at_least(f"llm.{key}", getattr(self, key), 1)
         _int_at_least("llm.eval_batch_size", self.eval_batch_size, 1)
         _real("llm.dirichlet_alpha", self.dirichlet_alpha, lo=0.0, lo_open=True)
-        if self.max_examples and self.test_examples >= self.max_examples:
+        if self.max_examples and not self.eval_source and self.test_examples >= self.max_examples:
             raise ConfigError(
                 f"llm.test_examples = {self.test_examples} leaves no training examples out of "
                 f"llm.max_examples = {self.max_examples}; raise llm.max_examples (or 0: all)"

@@ -29,6 +29,9 @@ class Example:
         Index of the correct entry of ``choices``, or None.
     category:
         Label name, task name or category, used for non-IID splits.
+    history:
+        Earlier turns of a chat (``(role, content)`` pairs: system, user, assistant) before the
+        final user turn ``prompt``; empty for single-turn data.
     """
 
     prompt: str
@@ -37,6 +40,7 @@ class Example:
     choices: tuple[str, ...] = ()
     answer: int | None = None
     category: str = ""
+    history: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.references:

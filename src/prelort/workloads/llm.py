@@ -33,28 +33,40 @@ from prelort.evaluation import LMEvaluator
 from prelort.training.lm_loss import answer_kl, answer_logits, answer_loss, answer_targets, logits_nll
 
 
-def _path(s: LLMSection) -> str:
-    return os.path.expandvars(os.path.expanduser(s.path))
+def _expand(path: str) -> str:
+    return os.path.expandvars(os.path.expanduser(path))
 
 
-def _source_options(s: LLMSection) -> dict[str, Any]:
-    """The ``[llm]`` options the loader of ``s.source`` (in ``prelort.data.SOURCES``) names.
+def _source_options(s: LLMSection, *, evaluation: bool = False) -> dict[str, Any]:
+    """The ``[llm]`` options the loader of ``s.source`` (or, with ``evaluation``, of
+    ``s.eval_source``) in ``prelort.data.SOURCES`` names.
 
-    ``path``: llm.path with ``~`` and $VARS expanded; ``dataset_id``: llm.path as given (a hub
-    id); ``max_chars``, ``tasks``, ``max_per_task``, ``fields``, ``split``: those keys. Unset
-    ones (empty path, no tasks or fields, max_per_task 0) are left out, so the loader's
+    ``path``: llm.path (llm.eval_path) with ``~`` and $VARS expanded; ``dataset_id``: the same
+    as given (a hub id or builder); ``max_chars``, ``tasks``, ``max_per_task``, ``fields``,
+    ``split`` (llm.eval_split), ``name``, ``data_files`` (llm.eval_data_files): those keys.
+    Unset ones (empty path, no tasks or fields, max_per_task 0) are left out, so the loader's
     defaults apply; a loader with ``**options`` gets every set one.
     """
+    source = s.eval_source if evaluation else s.source
+    path = (s.eval_path or s.path) if evaluation else s.path
+    if "$" in path and "$" in _expand(path):
+        key = "llm.eval_path" if evaluation and s.eval_path else "llm.path"
+        raise ConfigError(f"{key} {path!r} uses an unset environment variable; set it or give a path")
     values = {
-        "path": _path(s) or None,
-        "dataset_id": s.path or None,
+        "path": _expand(path) or None,
+        "dataset_id": path or None,
         "max_chars": s.max_chars,
         "tasks": s.tasks or None,
         "max_per_task": s.max_per_task or None,
         "fields": s.fields or None,
-        "split": s.split,
+        "split": (s.eval_split or s.split) if evaluation else s.split,
+        "name": s.name or None,
+        "data_files": [
+            _expand(f) for f in ((s.eval_data_files or s.data_files) if evaluation else s.data_files)
+        ]
+        or None,
     }
-    loader = SOURCES.get(s.source)
+    loader = SOURCES.get(source)
     if loader is None:  # reaches load_source, which names the registered sources
         return {}
     parameters = inspect.signature(loader).parameters
@@ -62,16 +74,34 @@ def _source_options(s: LLMSection) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None and (takes_any or k in parameters)}
 
 
+def _sample(examples: list[Example], n: int, seed: int) -> list[Example]:
+    if not n or len(examples) <= n:
+        return examples
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in keep]
+
+
 def load_examples(s: LLMSection) -> list[Example]:
     """The configured source, optionally a seeded random subset of ``max_examples``."""
-    if "$" in s.path and "$" in _path(s):
-        raise ConfigError(f"llm.path {s.path!r} uses an unset environment variable; set it or give a path")
     examples = load_source(s.source, **_source_options(s))
-    if s.max_examples and len(examples) > s.max_examples:
-        rng = random.Random(s.data_seed if s.data_seed is not None else 0)
-        keep = sorted(rng.sample(range(len(examples)), s.max_examples))
-        examples = [examples[i] for i in keep]
-    return examples
+    return _sample(examples, s.max_examples, s.data_seed if s.data_seed is not None else 0)
+
+
+def split_examples(s: LLMSection) -> tuple[list[Example], list[Example]]:
+    """(train, test): without ``llm.eval_source``, ``llm.test_examples`` held out of the source
+    at random (seed ``llm.data_seed``); with it, every source example trains and the test set
+    is a seeded sample of ``llm.test_examples`` from the evaluation source."""
+    examples = load_examples(s)
+    seed = s.data_seed if s.data_seed is not None else 0  # resolved by the config loader
+    if s.eval_source:
+        test = load_source(s.eval_source, **_source_options(s, evaluation=True))
+        return examples, _sample(test, s.test_examples, seed)
+    if len(examples) <= s.test_examples:
+        raise ConfigError(
+            f"llm.test_examples = {s.test_examples} leaves no training data from {len(examples)} examples"
+        )
+    train_idx, test_idx = train_test_split(len(examples), s.test_examples / len(examples), seed)
+    return [examples[i] for i in train_idx], [examples[i] for i in test_idx]
 
 
 class LLMWorkload:
@@ -98,15 +128,8 @@ class LLMWorkload:
             else self.tokenizer.eos_token_id
         )
 
-        examples = load_examples(s)
-        if len(examples) <= s.test_examples:
-            raise ConfigError(
-                f"llm.test_examples = {s.test_examples} leaves no training data from {len(examples)} examples"
-            )
+        self.train, self.test = split_examples(s)
         seed = s.data_seed if s.data_seed is not None else 0  # resolved by the config loader
-        train_idx, test_idx = train_test_split(len(examples), s.test_examples / len(examples), seed)
-        self.test = [examples[i] for i in test_idx]
-        self.train = [examples[i] for i in train_idx]
         parts = partition_indices(
             [ex.category for ex in self.train],
             self.num_clients,
