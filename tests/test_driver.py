@@ -49,6 +49,42 @@ def test_tensorboard_events_hold_the_per_rank_metrics(tmp_path: Path) -> None:
     assert passes == [r["passes"] for r in results["rounds"]]
 
 
+def test_mlflow_run_holds_the_config_and_per_rank_metrics(tmp_path: Path) -> None:
+    """``run.report_to = ["mlflow"]``: one MLflow run in the local store OUT/mlflow.db whose
+    metric histories are the round records of results.json and whose params are the config."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    assert main([*_args(out, 'run.report_to=["mlflow"]'), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("prelort")
+    assert experiment is not None
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "run" and run.info.status == "FINISHED"
+    assert run.data.params["run.rounds"] == "2" and run.data.params["run.method"] == "prelort"
+    for lv in ("2", "4"):
+        history = client.get_metric_history(run.info.run_id, f"r{lv}/rel_loss")
+        want = [r["per_rank"][lv]["rel_loss"] for r in results["rounds"]]
+        assert [m.step for m in history] == [0, 1, 2]
+        assert [m.value for m in history] == pytest.approx(want, rel=1e-6)
+    passes = client.get_metric_history(run.info.run_id, "round/passes")
+    assert [m.value for m in passes] == [r["passes"] for r in results["rounds"]]
+
+
+def test_report_to_is_checked_when_the_config_is_read(tmp_path: Path) -> None:
+    from prelort.config import config_from_dict
+    from prelort.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"run\.report_to\[0\] = 'wandb' is not one of"):
+        config_from_dict({"run": {"report_to": ["wandb"]}})
+    with pytest.raises(ConfigError, match="lists a target twice"):
+        config_from_dict({"run": {"report_to": ["mlflow", "mlflow"]}})
+    both = config_from_dict({"run": {"report_to": ["mlflow"], "tensorboard": True}})
+    assert both.run.reports() == ("tensorboard", "mlflow")
+
+
 def test_progress_shows_clients_steps_and_evaluation(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

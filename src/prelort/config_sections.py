@@ -19,6 +19,9 @@ from prelort.config_checks import _int_at_least, _real, _scale_options, _seed
 from prelort.errors import ConfigError
 from prelort.source_registry import source_names
 
+REPORT_TARGETS = ("tensorboard", "mlflow")
+"""Values of ``run.report_to``."""
+
 
 @dataclass
 class RunSection:
@@ -38,7 +41,14 @@ class RunSection:
     max_update_norm: float = 0.0
     """Reject updates whose norm sqrt(sum ||A||^2 + ||B||^2) exceeds this (0: no bound)."""
     tensorboard: bool = False
-    """Also write TensorBoard event files (per-rank metrics, loss, bytes, passes) to OUT/tensorboard."""
+    """Also write TensorBoard event files (per-rank metrics, loss, bytes, passes) to OUT/tensorboard
+    (the same as "tensorboard" in run.report_to)."""
+    report_to: list[str] = field(default_factory=list)
+    """Where the per-round metrics also go: "tensorboard" (event files in OUT/tensorboard) and
+    "mlflow" (a run in experiment "prelort" of run.mlflow_uri, with the resolved config as params)."""
+    mlflow_uri: str = ""
+    """MLflow tracking URI of report_to "mlflow"; empty: a local store, sqlite:///OUT/mlflow.db
+    (``mlflow ui --backend-store-uri`` reads it)."""
     sampling: Literal["uniform", "stratified"] = "stratified"
     """Client sampling per round: ``uniform`` without replacement, or ``stratified``: every
     rank level in every round when clients_per_round >= number of levels (highest first)."""
@@ -62,6 +72,16 @@ class RunSection:
             )
         _real("run.client_timeout", self.client_timeout, lo=0.0, hint="0 disables the limit")
         _real("run.max_update_norm", self.max_update_norm, lo=0.0, hint="0 disables the bound")
+        for i, target in enumerate(self.report_to):
+            _choice(f"run.report_to[{i}]", target, REPORT_TARGETS)
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ConfigError(f"run.report_to = {self.report_to} lists a target twice")
+
+    def reports(self) -> tuple[str, ...]:
+        """The report targets, ``run.tensorboard`` included."""
+        return tuple(
+            t for t in REPORT_TARGETS if t in self.report_to or (t == "tensorboard" and self.tensorboard)
+        )
 
 
 @dataclass

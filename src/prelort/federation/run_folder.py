@@ -76,6 +76,18 @@ class FolderCheckpoint:
         save_global(self.out, state, self.rule.merged(state.rule_state))
 
 
+def flatten_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"run": {"rounds": 3}}`` -> ``{"run.rounds": 3}`` (tables flattened, lists kept)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def run_in_folder(
     driver: RoundDriver,
     out: Path,
@@ -87,7 +99,7 @@ def run_in_folder(
     adapter after every round, results.json at the end (docs/design.md §8)."""
     from prelort.federation.checkpoint import load_checkpoint
     from prelort.reporting.files import atomic_write_text, write_results
-    from prelort.reporting.progress import TensorBoardLog
+    from prelort.reporting.progress import MLflowLog, TensorBoardLog
 
     cfg = driver.plan.cfg
     start = time.perf_counter()
@@ -101,15 +113,22 @@ def run_in_folder(
         atomic_write_text(out / "config.toml", dump_toml(config_to_dict(cfg)))
         state, rounds = driver.start()
     observers: list[RoundObserver] = [FolderCheckpoint(out, cfg, driver.rule)]
-    board = TensorBoardLog(out / "tensorboard") if cfg.run.tensorboard else None
-    if board is not None:
-        for record in rounds:  # what an earlier, interrupted process already logged is rewritten
-            board.on_round(record)
-        observers.append(board)
+    boards: list[TensorBoardLog | MLflowLog] = []
     try:
+        for target in cfg.run.reports():
+            if target == "tensorboard":
+                boards.append(TensorBoardLog(out / "tensorboard"))
+            else:
+                uri = cfg.run.mlflow_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}"
+                params = flatten_config(config_to_dict(cfg))
+                boards.append(MLflowLog(uri, out.resolve().name, params))
+        for board in boards:
+            for record in rounds:  # what an earlier, interrupted process already logged is rewritten
+                board.on_round(record)
+            observers.append(board)
         state, rounds = driver.run(state, rounds, observers=observers)
     finally:
-        if board is not None:
+        for board in boards:
             board.close()
     results = driver.results(state, rounds, earlier + time.perf_counter() - start)
     results.update(extra or {})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +92,69 @@ class TensorBoardLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class MLflowLog:
+    """An MLflow run (``run.report_to = ["mlflow"]``): the resolved config as params, per round
+    the metrics :class:`TensorBoardLog` writes under the same names (``round/passes``,
+    ``r{level}/{metric}``), step = round. A round observer of the driver."""
+
+    def __init__(self, uri: str, run_name: str, params: dict[str, Any]) -> None:
+        try:
+            import mlflow
+            from mlflow.entities import Param
+            from mlflow.tracking import MlflowClient
+        except ImportError as exc:  # mlflow is an optional extra
+            from prelort.errors import UserError
+
+            raise UserError(
+                f"run.report_to = ['mlflow'] needs the mlflow package ({exc}); "
+                "pip install 'prelort[mlflow]' or remove it from run.report_to"
+            ) from None
+        import logging
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        del mlflow  # imported to check it is installed; the client does the work
+        try:
+            self.client = MlflowClient(uri)
+            experiment = self.client.get_experiment_by_name("prelort")
+            experiment_id = (
+                experiment.experiment_id
+                if experiment is not None
+                else self.client.create_experiment("prelort")
+            )
+            self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+        except Exception as err:  # a bad or unreachable tracking URI
+            from prelort.errors import UserError
+
+            reason = (str(err).strip().splitlines() or [""])[0][:200]
+            raise UserError(
+                f"MLflow tracking URI {uri!r} cannot be used: {type(err).__name__}: {reason}"
+            ) from None
+        items = [Param(key, str(value)[:6000]) for key, value in sorted(params.items())]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def on_round(self, record: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        t, now = int(record["round"]), int(time.time() * 1000)
+        metrics = []
+        for key in ("train_loss", "bytes_up", "bytes_down", "passes", "examples", "seconds"):
+            value = record.get(key)
+            if isinstance(value, int | float) and value == value:  # skip NaN
+                metrics.append(Metric(f"round/{key}", float(value), now, t))
+        for level, values in record.get("per_rank", {}).items():
+            for name, value in values.items():
+                metrics.append(Metric(f"r{level}/{name}", float(value), now, t))
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def on_state(self, state: ServerState, rounds: list[dict[str, Any]]) -> None:
+        """Nothing: the metrics follow the round records."""
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
 
 
 def round_line(record: dict[str, Any]) -> str:
