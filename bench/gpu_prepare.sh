@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
-rm -rf .gpu && mkdir -p .gpu/whl .gpu/model
+rm -rf .gpu && mkdir -p .gpu/whl .gpu/model .gpu/gemma
 PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 python3 -m pip download -q --no-deps "${PLAT[@]}" -d .gpu/whl \
@@ -21,5 +21,8 @@ for f in src.iterdir():
     if f.suffix in {".json", ".txt", ".model"} or f.name.startswith("tokenizer"):
         (Path(".gpu/model") / f.name).write_bytes(f.read_bytes())
 print("model files:", sorted(p.name for p in Path(".gpu/model").iterdir()))
+# Gemma-3-270M's architecture only (config.json): bench/gpu.sh builds random weights from it
+gemma = Path(ensure_cached("gemma3-270m")) / "config.json"
+(Path(".gpu/gemma") / "config.json").write_bytes(gemma.read_bytes())
 PY
 du -sh .gpu

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -356,3 +357,59 @@ def test_llm_workload_builds_the_model_with_checkpointing_or_a_clear_error() -> 
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match=r'train\.autocast = "fp16" needs a CUDA device'):
             _llm_workload(_tiny_llama(), autocast="fp16").build_model()
+
+
+# ----------------------------------------------------------------------------- 4-bit / 8-bit base
+
+
+def test_quantization_off_cuda_is_a_clear_error_before_any_weight_is_read(tmp_path: Path) -> None:
+    """``llm.quantization`` on a CPU run: one line naming the key and the device, raised before
+    the model is read (here a folder that does not even exist)."""
+    from prelort.models import ModelLoadError, load_causal_lm
+
+    for q in ("4bit", "8bit"):
+        with pytest.raises(
+            ModelLoadError, match=rf"llm\.quantization = '{q}' needs bitsandbytes on a CUDA device"
+        ):
+            load_causal_lm(str(tmp_path / "no-model"), device="cpu", quantization=q)
+
+
+def test_quantization_configs_are_qlora_nf4_and_int8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA with bitsandbytes installed (simulated: this test only builds the configs), 4bit is
+    QLoRA's NF4 with double quantisation computing in the run's dtype, 8bit LLM.int8()."""
+    import importlib.util
+
+    from prelort.models import ModelLoadError
+    from prelort.models.loading import bitsandbytes_config
+
+    real = importlib.util.find_spec
+    assert bitsandbytes_config("none", torch.float32, torch.device("cpu")) is None
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    with pytest.raises(ModelLoadError, match="needs the bitsandbytes package"):
+        bitsandbytes_config("4bit", torch.bfloat16, torch.device("cuda"))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name, *a)
+    )
+    four = bitsandbytes_config("4bit", torch.bfloat16, torch.device("cuda"))
+    assert (four.load_in_4bit, four.load_in_8bit) == (True, False)
+    assert (four.bnb_4bit_quant_type, four.bnb_4bit_use_double_quant) == ("nf4", True)
+    assert four.bnb_4bit_compute_dtype == torch.bfloat16
+    eight = bitsandbytes_config("8bit", torch.float16, torch.device("cuda"))
+    assert (eight.load_in_8bit, eight.load_in_4bit) == (True, False)
+    with pytest.raises(ModelLoadError, match="unknown quantization"):
+        bitsandbytes_config("2bit", torch.float16, torch.device("cuda"))
+
+
+def test_quantized_base_refuses_methods_that_merge_into_it() -> None:
+    with pytest.raises(ConfigError, match=r"run\.method = 'flora' merges updates into the base weights"):
+        config_from_dict(
+            {"workload": {"kind": "llm"}, "run": {"method": "flora"}, "llm": {"quantization": "4bit"}}
+        )
+    assert (
+        config_from_dict({"workload": {"kind": "llm"}, "llm": {"quantization": "4bit"}}).llm.quantization
+        == "4bit"
+    )
+    with pytest.raises(ConfigError, match=r"llm\.quantization"):
+        config_from_dict({"llm": {"quantization": "3bit"}})

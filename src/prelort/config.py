@@ -163,6 +163,11 @@ class Config:
                 f"llm.eval_path is required for llm.eval_source = {llm.eval_source!r} "
                 "(a file, folder or hub id)"
             )
+        if self.workload.kind == "llm" and llm.quantization != "none" and spec.family == "merged":
+            raise ConfigError(
+                f"run.method = {run.method!r} merges updates into the base weights, which "
+                f"llm.quantization = {llm.quantization!r} keeps quantised; use llm.quantization = 'none'"
+            )
         if self.privacy is not None:
             self._validate_privacy(self.privacy, spec.rule)
 

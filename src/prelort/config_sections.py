@@ -308,6 +308,9 @@ class LLMSection:
     """Alias (smollm2-135m, gemma3-270m), local HF model folder or hub id."""
     dtype: str = "auto"
     device: str = "auto"
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """Base weights in 4-bit NF4 (QLoRA: double quantisation, compute in llm.dtype) or 8-bit
+    through bitsandbytes; needs a CUDA device and the bitsandbytes package."""
     cache_dir: str = ""
     """Where converted models are cached; empty: $PRELORT_CACHE or ~/.cache/prelort."""
     source: str = "bbc-news"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -108,6 +109,7 @@ def load_causal_lm(
     dtype: str = "auto",
     device: str = "auto",
     cache_dir: str | os.PathLike[str] | None = None,
+    quantization: str = "none",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a frozen causal LM and its tokenizer.
 
@@ -121,9 +123,40 @@ def load_causal_lm(
     """
     name = os.fspath(name)
     torch_dtype, torch_device = resolve_dtype_device(dtype, device)
+    quantization_config = bitsandbytes_config(quantization, torch_dtype, torch_device)
     folder = _resolve_source(name, resolve_cache_dir(cache_dir))
-    model, tokenizer = _from_pretrained(folder, torch_dtype, name=name)
+    model, tokenizer = _from_pretrained(
+        folder, torch_dtype, name=name, quantization_config=quantization_config, device=torch_device
+    )
     return _finalise(model, tokenizer, torch_device, name), tokenizer
+
+
+def bitsandbytes_config(quantization: str, dtype: torch.dtype, device: torch.device) -> Any:
+    """``transformers.BitsAndBytesConfig`` of ``quantization`` ("4bit": NF4 with double
+    quantisation and compute in ``dtype``, as QLoRA, Dettmers et al. 2023 §3; "8bit":
+    LLM.int8()), or None for "none". ``ModelLoadError`` off CUDA or without bitsandbytes."""
+    if quantization == "none":
+        return None
+    if quantization not in ("4bit", "8bit"):
+        raise ModelLoadError(f"unknown quantization {quantization!r}: use 'none', '4bit' or '8bit'")
+    if device.type != "cuda":
+        raise ModelLoadError(
+            f"llm.quantization = {quantization!r} needs bitsandbytes on a CUDA device, and this run's "
+            f"device is {device.type}; set llm.quantization = 'none' (or llm.device = 'cuda' on a GPU)"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(
+            f"llm.quantization = {quantization!r} needs the bitsandbytes package: pip install bitsandbytes"
+        )
+    transformers = _import_transformers()
+    if quantization == "8bit":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
 
 
 def ensure_cached(alias: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -266,12 +299,23 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _from_pretrained(where: str | Path, dtype: torch.dtype, *, name: str) -> tuple[Any, Any]:
-    """``AutoModelForCausalLM`` + ``AutoTokenizer`` from a folder or hub id, errors as one line."""
+def _from_pretrained(
+    where: str | Path,
+    dtype: torch.dtype,
+    *,
+    name: str,
+    quantization_config: Any = None,
+    device: torch.device | None = None,
+) -> tuple[Any, Any]:
+    """``AutoModelForCausalLM`` + ``AutoTokenizer`` from a folder or hub id, errors as one line;
+    with ``quantization_config`` the weights are quantised as they are placed on ``device``."""
     transformers = _import_transformers()
+    extra: dict[str, Any] = {}
+    if quantization_config is not None:
+        extra = {"quantization_config": quantization_config, "device_map": {"": str(device)}}
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(where)
-        model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
     except ImportError as exc:
         raise ModelLoadError(f"loading '{name}' needs a missing package: {_first_line(exc)}") from exc
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ... for bad input
@@ -299,6 +343,8 @@ def _finalise(model: Any, tokenizer: Any, device: torch.device, name: str) -> An
         model.config.pad_token_id = tokenizer.pad_token_id
     model.requires_grad_(False)
     model.eval()
+    if getattr(model, "is_quantized", False):  # placed by device_map; bitsandbytes weights do not move
+        return model
     return model.to(device)
 
 

@@ -117,7 +117,11 @@ class LLMWorkload:
         self.gradient_checkpointing = cfg.train.gradient_checkpointing
         self.autocast = cfg.train.autocast
         self._load = lambda: load_causal_lm(
-            s.model, dtype=s.dtype, device=s.device, cache_dir=s.cache_dir or None
+            s.model,
+            dtype=s.dtype,
+            device=s.device,
+            cache_dir=s.cache_dir or None,
+            quantization=s.quantization,
         )
         model, self.tokenizer = self._load()
         self._model: nn.Module | None = model
