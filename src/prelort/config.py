@@ -21,15 +21,13 @@ from prelort.config_sections import (
     ClientsSection,
     FloristSection,
     HetLoRASection,
-    LLMSection,
     LoRASection,
     PrivacySection,
     RunSection,
-    SyntheticSection,
     TrainSection,
-    WorkloadSection,
     _choice,
 )
+from prelort.config_workload import LLMSection, SyntheticSection, WorkloadSection
 from prelort.errors import ConfigError
 from prelort.source_registry import needs_path
 
