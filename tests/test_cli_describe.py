@@ -41,10 +41,13 @@ def test_version_flag_prints_the_package_version(capsys: pytest.CaptureFixture[s
     assert importlib.metadata.version("prelort") == prelort.__version__
 
 
-def test_pyproject_reads_the_version_from_the_package() -> None:
+def test_the_package_reads_the_version_from_pyproject() -> None:
+    # one source: [project].version (literal, as Flower reads it for `flwr run .`); the
+    # package reads the installed metadata, and no source file writes the number again
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
-    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "prelort.__version__"}
+    assert project["project"]["version"] == prelort.__version__
+    assert "version" not in project["project"].get("dynamic", [])
+    assert project["project"]["version"] not in (ROOT / "src/prelort/__init__.py").read_text()
     assert project["project"]["license"] == "Apache-2.0"  # an SPDX expression, not a table
     assert project["project"]["classifiers"]
     assert (

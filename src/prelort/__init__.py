@@ -11,6 +11,7 @@ PEFT and transformers (Flower starts a fresh process per message).
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import Any
 
 _LAZY = {
@@ -25,7 +26,17 @@ _LAZY = {
     "compare": "prelort.api",
 }
 __all__ = sorted(_LAZY)
-__version__ = "0.1.0"
+
+
+def _version() -> str:
+    """The version of the installed distribution: its one source is ``pyproject.toml``."""
+    try:
+        return importlib.metadata.version("prelort")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 
 def __getattr__(name: str) -> Any:

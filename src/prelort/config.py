@@ -329,18 +329,21 @@ def config_from_dict(data: dict[str, Any], overrides: typing.Sequence[str] = ())
     return cfg
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A config file's raw tables (ConfigError with one line if missing or not TOML)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found; pass an existing TOML file to --config")
+    try:
+        data: dict[str, Any] = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
+    return data
+
+
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a TOML config file (or defaults when ``path`` is None) and apply overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found; pass an existing TOML file to --config")
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
-    return config_from_dict(data, overrides)
+    return config_from_dict(read_toml(path) if path is not None else {}, overrides)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -355,27 +358,28 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def toml_value(v: Any) -> str:
+    """One value as TOML text (scalars, lists and inline tables)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
 def dump_toml(data: dict[str, Any]) -> str:
     """Minimal TOML writer for the resolved config (tables of scalars and lists)."""
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, list):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{k} = {fmt(x)}" for k, x in v.items()) + " }"
-        raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
     lines: list[str] = []
     for section, values in data.items():
         lines.append(f"[{section}]")
         for k, v in values.items():
-            lines.append(f"{k} = {fmt(v)}")
+            lines.append(f"{k} = {toml_value(v)}")
         lines.append("")
     return "\n".join(lines)
 

@@ -153,7 +153,7 @@ def config_keys() -> list[KeyDoc]:
 def _toml_value(value: Any) -> str:
     if value is None:
         return "(unset)"
-    return config_module.dump_toml({"s": {"v": value}}).splitlines()[1].removeprefix("v = ")
+    return config_module.toml_value(value)
 
 
 def describe_keys() -> str:

@@ -68,3 +68,44 @@ def stop(pids: Iterable[int], timeout: float = 5.0) -> list[int]:
         if not procs:
             break
     return [p.pid for p in procs]
+
+
+def flwr_home(env: dict[str, str] | None = None) -> Path:
+    """The ``FLWR_HOME`` of ``env`` (default: this process's), else Flower's ``~/.flwr``."""
+    value = (os.environ if env is None else env).get("FLWR_HOME", "")
+    return Path(value).expanduser().absolute() if value else Path.home() / ".flwr"
+
+
+def local_superlinks(home: Path | None = None) -> list[int]:
+    """The local SuperLinks that ``flwr run`` started for ``home`` (default: ``flwr_home()``).
+
+    ``flwr run`` with Flower's default ``local`` connection (``address = ":local:"``) starts a
+    detached ``flower-superlink --simulation`` and leaves it running for the next run; it is
+    recognised by its command line and by the ``FLWR_HOME`` it inherited.
+    """
+    want = (home or flwr_home()).absolute()
+    found: list[int] = []
+    for proc in psutil.process_iter():
+        try:
+            cmd = " ".join(proc.cmdline())
+            env = proc.environ()
+        except (psutil.Error, OSError):
+            continue
+        if "flower-superlink" in cmd and "--simulation" in cmd and flwr_home(env) == want:
+            found.append(proc.pid)
+    return found
+
+
+def stop_local_superlinks(home: Path | None = None, timeout: float = 10.0) -> list[int]:
+    """Stop ``local_superlinks(home)`` and their descendants (SuperExec, ...); return the pids
+    still alive afterwards (normally none)."""
+    pids = local_superlinks(home)
+    return stop([p for pid in pids for p in (pid, *descendants(pid))], timeout)
+
+
+if __name__ == "__main__":  # python -m prelort.flower.process_tree: stop the local SuperLink
+    stopped = local_superlinks()
+    left = stop_local_superlinks()
+    alive = f"; still alive: {left}" if left else ""
+    print(f"stopped {len(stopped)} local SuperLink(s) of {flwr_home()}{alive}")
+    raise SystemExit(1 if left else 0)

@@ -1,10 +1,12 @@
 """The Flower ``ServerApp``: discover the nodes, run the round driver, write ``results.json``.
 
-1. Read the run config (``config`` file + ``set`` overrides, see ``settings``) into the same
-   validated ``Config`` as ``prelort run``.
-2. Build the workload on the server (for the adapter shapes and central evaluation).
-3. QUERY round: wait for ``clients.num_clients`` SuperNodes and ask each for its
-   ``partition-id`` and ``rank``; the nodes' ranks become ``clients.ranks``.
+1. Read the run config (an optional ``config`` file, the flat config keys and ``set``
+   overrides, see ``settings`` and ``run_config``) into the same validated ``Config`` as
+   ``prelort run``.
+2. QUERY round: wait for ``clients.num_clients`` SuperNodes (where the run sets it nowhere:
+   as many as the federation has) and ask each for its ``partition-id`` and ``rank``; the
+   nodes' ranks become ``clients.ranks``.
+3. Build the workload on the server (for the adapter shapes and central evaluation).
 4. Rounds: ``RoundDriver`` with a ``FlowerTransport`` (docs/design.md §6): the same sampling,
    validation, ``server_update``, round records and evaluation as ``prelort run``.
 5. ``run_in_folder`` writes ``results.json``, ``config.toml``, the global adapter and a
@@ -25,7 +27,13 @@ from flwr.serverapp import Grid, ServerApp
 from prelort.config import Config
 from prelort.errors import UserError
 from prelort.flower.records import as_int
-from prelort.flower.settings import NodeInfo, RunSettings, settings_from_run_config, with_node_ranks
+from prelort.flower.settings import (
+    NodeInfo,
+    RunSettings,
+    settings_from_run_config,
+    with_node_ranks,
+    with_num_clients,
+)
 from prelort.flower.transport import send_and_receive
 
 log = logging.getLogger("flwr")
@@ -38,15 +46,47 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point called by ``flwr-serverapp`` (or the simulation engine)."""
     try:
         settings = settings_from_run_config(context.run_config)
-        cfg = settings.load()
+        cfg, follow = settings.resolve()
     except UserError as exc:
         log.error("prelort: error: %s", exc)
         raise
     out = Path(settings.out or f"prelort-flower-{context.run_id}").expanduser().absolute()
+    if follow:
+        cfg, note = with_num_clients(cfg, federation_size(grid, settings))
+        log.info("prelort: %s", note)
     results = run_federation(grid, cfg, settings, out, run_id=context.run_id)
     final = results["final"]["per_rank"]
     log.info("final per-rank metrics: %s", final)
     log.info("wrote %s", out / "results.json")
+
+
+SETTLE_SECONDS = 2.0
+"""A federation's size is read once its number of SuperNodes has not changed for this long."""
+
+
+def federation_size(grid: Grid, settings: RunSettings) -> int:
+    """The number of SuperNodes connected, once at least one is and the count is steady.
+
+    On the simulation engine every virtual SuperNode exists before the ServerApp starts; on
+    a deployment, SuperNodes that connect later than ``SETTLE_SECONDS`` after the others
+    are missed: set ``clients.num_clients`` there.
+    """
+    deadline = time.monotonic() + settings.node_timeout
+    count, since = -1, time.monotonic()
+    while True:
+        now = time.monotonic()
+        n = len(list(grid.get_node_ids()))
+        if n != count:
+            count, since = n, now
+        elif n > 0 and now - since >= SETTLE_SECONDS:
+            return n
+        if now > deadline:
+            if n > 0:
+                return n
+            raise RuntimeError(
+                f"no SuperNode connected within {settings.node_timeout:g} s (run config node-timeout)"
+            )
+        time.sleep(min(0.5, settings.poll_interval))
 
 
 def discover_nodes(grid: Grid, num_clients: int, settings: RunSettings) -> dict[int, tuple[int, NodeInfo]]:
@@ -105,9 +145,9 @@ def run_federation(
     from prelort.flower.transport import FlowerTransport
     from prelort.workloads import build_workload
 
-    workload = build_workload(cfg)
     found = discover_nodes(grid, cfg.clients.num_clients, settings)
     cfg = with_node_ranks(cfg, {k: info for k, (_, info) in found.items()})
+    workload = build_workload(cfg)
     plan = build_plan(cfg)
     nested = build_nested(plan, workload)
     wait = settings.round_timeout
