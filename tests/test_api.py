@@ -55,3 +55,35 @@ def test_compare_writes_the_summary_and_reuses_finished_runs(tmp_path: Path) -> 
 def test_bad_input_raises_instead_of_exiting() -> None:
     with pytest.raises(ConfigError, match=r"run\.rounds"):
         prelort.run(CONFIG, overrides=["run.rounds=0"])
+
+
+def test_the_readme_python_cell_runs_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python API") :]
+    cell = section[section.index("```python") + len("```python") : section.index("```\n", 10)]
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "synthetic.toml").write_text(CONFIG.read_text())
+    monkeypatch.chdir(tmp_path)
+    exec(compile(cell, "README.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == (
+        "run.clients_per_round = 40 is more than clients.num_clients = 8; lower it or add clients"
+    )
+    assert (tmp_path / "runs" / "s" / "results.json").is_file()
+    assert (tmp_path / "runs" / "cmp" / "base-config.toml").is_file()
+    assert (tmp_path / "runs" / "cmp" / "runs" / "flexlora-seed1" / "results.json").is_file()
+
+
+def test_a_config_built_in_code_is_validated_by_every_entry_point(tmp_path: Path) -> None:
+    from prelort.config import Config, RunSection
+    from prelort.federation.plan import build_plan
+
+    bad = Config(run=RunSection(clients_per_round=40))
+    with pytest.raises(ConfigError, match="clients_per_round = 40"):
+        prelort.run(bad)
+    with pytest.raises(ConfigError, match="clients_per_round = 40"):
+        prelort.compare(bad, methods=["segment"], seeds=[0], out=tmp_path)
+    with pytest.raises(ConfigError, match="clients_per_round = 40"):
+        build_plan(bad)  # what run_simulation and the Flower ServerApp start from

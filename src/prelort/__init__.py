@@ -22,6 +22,8 @@ _LAZY = {
     "AggregationResult": "prelort.aggregation",
     "ClientUpdate": "prelort.aggregation",
     "aggregate": "prelort.aggregation",
+    "Config": "prelort.config",
+    "load_config": "prelort.config",
     "run": "prelort.api",
     "compare": "prelort.api",
 }

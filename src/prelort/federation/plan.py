@@ -236,7 +236,9 @@ class RunPlan:
 
 
 def build_plan(cfg: Config) -> RunPlan:
-    """Resolve ``cfg`` into a ``RunPlan`` (the config is already validated)."""
+    """Resolve ``cfg`` into a ``RunPlan``; a ``Config`` built in code is validated here too
+    (``ConfigError`` with one line), as every runtime starts from a plan."""
+    cfg.validate()
     method = get_method(cfg.run.method)
     levels = tuple(cfg.clients.levels)
     caps = tuple(assign_ranks(cfg))
