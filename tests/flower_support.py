@@ -5,13 +5,17 @@ Imported as ``from flower_support import ...`` (pytest puts ``tests/`` on ``sys.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from prelort.config import Config
 from prelort.federation import run_simulation
 from prelort.federation.core import ServerState
 from prelort.flower import local
+from prelort.processes import pid_alive
 from prelort.workloads import build_workload
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,3 +44,19 @@ def reference_run(cfg: Config) -> tuple[dict[str, Any], ServerState]:
     states: list[ServerState] = []
     res = run_simulation(cfg, build_workload(cfg), on_state=lambda s, _r: states.append(s))
     return res, states[-1]
+
+
+def cmdline(pid: int) -> str:
+    """The command line of ``pid`` ("" once it is gone)."""
+    try:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return ""
+
+
+def all_dead(pids: list[int], timeout: float = 15.0) -> list[int]:
+    """Wait up to ``timeout`` s for every process of ``pids`` to end; return those still alive."""
+    end = time.monotonic() + timeout
+    while (alive := [p for p in pids if pid_alive(p)]) and time.monotonic() < end:
+        time.sleep(0.2)
+    return alive

@@ -30,7 +30,7 @@ pytest.importorskip("flwr")
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from flower_support import SMALL_SET, SYNTHETIC, reference_run, small_config
+from flower_support import SMALL_SET, SYNTHETIC, all_dead, reference_run, small_config
 from prelort.adapters.state import Adapter, LoRAPair
 from prelort.config import Config
 from prelort.errors import ConfigError, UserError
@@ -49,7 +49,6 @@ from prelort.flower.settings import (
     split_overrides,
     with_node_ranks,
 )
-from prelort.processes import pid_alive
 from prelort.workloads import build_workload
 
 
@@ -551,13 +550,6 @@ def test_a_second_close_returns_only_once_the_socket_file_is_gone(
 
 
 # -- real processes: SuperLink + SuperNodes + flwr run on loopback ------------------------------
-def _all_dead(pids: list[int], timeout: float = 15.0) -> list[int]:
-    end = time.monotonic() + timeout
-    while (alive := [p for p in pids if pid_alive(p)]) and time.monotonic() < end:
-        time.sleep(0.2)
-    return alive
-
-
 @pytest.mark.integration
 def test_loopback_deployment_matches_the_simulator(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
@@ -606,7 +598,7 @@ def test_loopback_deployment_matches_the_simulator(
     # every train message was computed by its node's worker: 3 processes, one model build each
     assert res["engine"]["workers"] == {"client_processes": 3, "model_builds": 3}
     assert sorted(n for n in names if n.startswith("worker-")) == ["worker-0", "worker-1", "worker-2"]
-    assert len(started) >= 7 and not _all_dead(started), "processes left running"
+    assert len(started) >= 7 and not all_dead(started), "processes left running"
     assert not local.processes_under(out / "flower"), "processes left running"
     assert len(sockets) == 1 and not sockets[0].exists(), "worker sockets left behind"
 
@@ -644,7 +636,7 @@ def test_tls_and_supernode_auth_refuse_an_unregistered_node(tmp_path: Path) -> N
         sockets = fed.worker_dir
         for s in fed.processes:
             pids += [s.proc.pid, *local.descendants(s.proc.pid)]
-    assert not _all_dead(pids), "processes left running"
+    assert not all_dead(pids), "processes left running"
     assert not local.processes_under(work), "processes left running"
     assert sockets is not None and not sockets.exists(), "worker sockets left behind"
     _, ref_state = reference_run(cfg)

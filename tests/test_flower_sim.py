@@ -10,35 +10,18 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
-from flower_support import SMALL_SET, SYNTHETIC, reference_run, small_config
+from flower_support import SMALL_SET, SYNTHETIC, all_dead, cmdline, reference_run, small_config
 from prelort.errors import UserError
 from prelort.federation.artifacts import load_global
 from prelort.flower import local
-from prelort.processes import pid_alive
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return " ".join(psutil.Process(pid).cmdline())
-    except psutil.Error:
-        return ""
-
-
-def _all_dead(pids: list[int], timeout: float = 15.0) -> list[int]:
-    end = time.monotonic() + timeout
-    while (alive := [p for p in pids if pid_alive(p)]) and time.monotonic() < end:
-        time.sleep(0.2)
-    return alive
 
 
 @pytest.mark.integration
@@ -55,7 +38,7 @@ def test_simulation_engine_matches_the_simulator(
     def watch() -> None:
         while not stop.is_set():
             for pid in local.processes_under(work):
-                seen.setdefault(pid, _cmdline(pid))
+                seen.setdefault(pid, cmdline(pid))
             stop.wait(0.25)
 
     ray_dirs: list[Path] = []
@@ -66,7 +49,7 @@ def test_simulation_engine_matches_the_simulator(
             ray_dirs.append(self.ray_tmp)
         for s in self.processes:
             for pid in [s.proc.pid, *local.descendants(s.proc.pid)]:
-                seen.setdefault(pid, _cmdline(pid))
+                seen.setdefault(pid, cmdline(pid))
         close(self, grace)
 
     monkeypatch.setattr(local.LocalFederation, "close", close_and_record)
@@ -104,7 +87,7 @@ def test_simulation_engine_matches_the_simulator(
 
     names = " | ".join(seen.values())
     assert "flwr-simulation" in names and "raylet" in names, names  # Ray ran, and was watched
-    assert not _all_dead(list(seen)), "processes left running"
+    assert not all_dead(list(seen)), "processes left running"
     assert not local.processes_under(work), "processes left running"
     assert ray_dirs and not any(d.exists() for d in ray_dirs), "Ray's temp folder left behind"
 

@@ -28,6 +28,7 @@ import torch
 pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
+from flower_support import all_dead, cmdline
 from prelort.config import Config, load_config
 from prelort.federation import run_simulation
 from prelort.federation.artifacts import load_global
@@ -53,16 +54,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return " ".join(psutil.Process(pid).cmdline())
-    except psutil.Error:
-        return ""
-
-
 def _program(pid: int) -> str:
     """The script a Python process runs (``flower-superlink``, ...), or its executable."""
-    words = _cmdline(pid).split()
+    words = cmdline(pid).split()
     return words[1 if len(words) > 1 and "python" in words[0] else 0].rsplit("/", 1)[-1] if words else ""
 
 
@@ -78,13 +72,6 @@ def _under(home: Path) -> list[int]:
     return found
 
 
-def _wait_dead(pids: list[int], timeout: float = 20.0) -> list[int]:
-    end = time.monotonic() + timeout
-    while (alive := [p for p in pids if pid_alive(p)]) and time.monotonic() < end:
-        time.sleep(0.2)
-    return alive
-
-
 @pytest.mark.integration
 @pytest.mark.skipif(not FLWR.exists(), reason="the flwr CLI is not installed beside this Python")
 def test_flwr_run_at_the_root_equals_the_simulator_and_leaves_no_process(tmp_path: Path) -> None:
@@ -96,6 +83,7 @@ def test_flwr_run_at_the_root_equals_the_simulator_and_leaves_no_process(tmp_pat
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
         "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",  # no network call to PyPI from the CLI or SuperLink
         "OMP_NUM_THREADS": "1",
         "PATH": f"{FLWR.parent}{os.pathsep}{env.get('PATH', '')}",
     }
@@ -105,7 +93,7 @@ def test_flwr_run_at_the_root_equals_the_simulator_and_leaves_no_process(tmp_pat
     def watch() -> None:
         while not stop.is_set():
             for pid in _under(home):
-                seen.setdefault(pid, _cmdline(pid))
+                seen.setdefault(pid, cmdline(pid))
             stop.wait(0.25)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -134,7 +122,7 @@ def test_flwr_run_at_the_root_equals_the_simulator_and_leaves_no_process(tmp_pat
                 break
             time.sleep(0.2)
         assert not left, [seen[p] for p in left]
-        assert names == {"flower-superlink", "flower-superexec"}, [_cmdline(p) for p in kept]
+        assert names == {"flower-superlink", "flower-superexec"}, [cmdline(p) for p in kept]
         names = " | ".join(seen.values())
         assert "flwr-simulation" in names and "raylet" in names, names  # the engine ran, watched
         assert process_tree.local_superlinks(home), "Flower's local SuperLink was not found"
@@ -143,7 +131,7 @@ def test_flwr_run_at_the_root_equals_the_simulator_and_leaves_no_process(tmp_pat
         watcher.join()
         still = process_tree.stop_local_superlinks(home)
     assert not still
-    assert not _wait_dead(_under(home)), "processes left running"
+    assert not all_dead(_under(home)), "processes left running"
     assert not [p for p in seen if pid_alive(p)], "processes left running"
 
     res = json.loads((out / "results.json").read_text())
