@@ -20,7 +20,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import tomllib
 import torch
@@ -60,18 +59,6 @@ def _program(pid: int) -> str:
     return words[1 if len(words) > 1 and "python" in words[0] else 0].rsplit("/", 1)[-1] if words else ""
 
 
-def _under(home: Path) -> list[int]:
-    """Live processes whose FLWR_HOME is exactly ``home``."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("FLWR_HOME") == str(home) and pid_alive(proc.pid):
-                found.append(proc.pid)
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
 @pytest.mark.integration
 @pytest.mark.skipif(not FLWR.exists(), reason="the flwr CLI is not installed beside this Python")
 def test_flwr_run_at_the_root_equals_the_simulator_and_leaves_no_process(tmp_path: Path) -> None:
@@ -92,7 +79,7 @@ def test_flwr_run_at_the_root_equals_the_simulator_and_leaves_no_process(tmp_pat
 
     def watch() -> None:
         while not stop.is_set():
-            for pid in _under(home):
+            for pid in process_tree.processes_under(tmp_path):
                 seen.setdefault(pid, cmdline(pid))
             stop.wait(0.25)
 
@@ -131,7 +118,7 @@ def test_flwr_run_at_the_root_equals_the_simulator_and_leaves_no_process(tmp_pat
         watcher.join()
         still = process_tree.stop_local_superlinks(home)
     assert not still
-    assert not all_dead(_under(home)), "processes left running"
+    assert not all_dead(process_tree.processes_under(tmp_path)), "processes left running"
     assert not [p for p in seen if pid_alive(p)], "processes left running"
 
     res = json.loads((out / "results.json").read_text())

@@ -66,7 +66,7 @@ def flat_defaults() -> dict[str, Scalar]:
         if default is None:
             out[key] = ""
         elif isinstance(default, list | dict):
-            out[key] = toml_value(default) if default else ("[]" if isinstance(default, list) else "{}")
+            out[key] = "{}" if default == {} else toml_value(default)
         else:
             out[key] = default
     out[FOLLOW_KEY] = 0
@@ -78,35 +78,28 @@ def run_config_defaults() -> dict[str, Scalar]:
     return {**APP_KEYS, **flat_defaults()}
 
 
-def _parse_text(key: str, text: str) -> Any:
-    return parse_override(f"{key}={text}")[1]
-
-
 def flat_overrides(run_config: Mapping[str, Scalar]) -> tuple[str, ...]:
     """``key=value`` overrides (``prelort run --set`` syntax) for every config key of
     ``run_config`` whose value differs from the built-in default, in declaration order.
 
     ``clients.num_clients`` is applied only when positive (0: follow the federation).
     """
-    builtin = _builtin_defaults()
     overrides: list[str] = []
-    for key, default in builtin.items():
+    for key, default in _builtin_defaults().items():
         if key not in run_config:
             continue
         value = run_config[key]
         if key == FOLLOW_KEY and value == 0:
             continue
-        textual = default is None or isinstance(default, list | dict)
-        if textual and isinstance(value, str):
-            if value.strip() == "":
-                if default is None:
-                    continue
+        if default is None and isinstance(value, str):  # TOML text; "" = unset
+            if value.strip():
+                overrides.append(f"{key}={value}")
+        elif isinstance(default, list | dict) and isinstance(value, str):  # TOML text
+            if not value.strip():
                 example = flat_defaults()[key]
                 raise ConfigError(f"run config: {key} is empty; give its TOML value, e.g. {example}")
-            parsed = _parse_text(key, value) if default is not None else None
-            if default is not None and parsed == default:
-                continue
-            overrides.append(f"{key}={value}")
+            if parse_override(f"{key}={value}")[1] != default:
+                overrides.append(f"{key}={value}")
         elif value != default or isinstance(value, bool) != isinstance(default, bool):
             overrides.append(f"{key}={toml_value(value)}")
     return tuple(overrides)

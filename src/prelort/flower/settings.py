@@ -23,9 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from prelort.config import Config, config_from_dict, config_to_dict, read_toml
+from prelort.config import Config, config_from_dict, config_to_dict, parse_override, read_toml
 from prelort.errors import ConfigError
-from prelort.flower.run_config import FOLLOW_KEY, flat_overrides, run_config_defaults
+from prelort.flower.run_config import APP_KEYS, FOLLOW_KEY, flat_overrides, run_config_defaults
 
 ScalarMap = Mapping[str, bool | int | float | str]
 
@@ -62,7 +62,7 @@ class RunSettings:
         overrides = (*self.flat, *self.overrides)
         clients = data.get("clients")
         in_file = isinstance(clients, dict) and "num_clients" in clients
-        given = in_file or any(o.split("=", 1)[0].strip() == FOLLOW_KEY for o in overrides)
+        given = in_file or any(".".join(parse_override(o)[0]) == FOLLOW_KEY for o in overrides)
         return config_from_dict(data, overrides), not given
 
     def load(self) -> Config:
@@ -100,8 +100,8 @@ def settings_from_run_config(run_config: ScalarMap) -> RunSettings:
     unknown = sorted(set(run_config) - set(run_config_defaults()))
     if unknown:
         raise ConfigError(
-            f"run config: unknown key(s) {unknown}; valid keys: config, set, out, node-timeout, "
-            "round-timeout, poll-interval and every key of `prelort config --keys`"
+            f"run config: unknown key(s) {unknown}; valid keys: {', '.join(APP_KEYS)} "
+            "and every key of `prelort config --keys`"
         )
 
     def text(key: str) -> str:
